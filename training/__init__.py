@@ -1,0 +1,1 @@
+"""Training and evaluation of the U-Net that produces slidejob's weights."""
