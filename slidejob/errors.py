@@ -8,24 +8,42 @@ name the file, say what was expected and what was found, and the fix.
 from __future__ import annotations
 
 
+#: Exit statuses the CLI uses, so that a scheduler can tell "fix the input"
+#: from "retry": 1 = a deliberate error of ours, 2 = usage (click), 3 = bad
+#: input (slide missing, unreadable, unsupported), 4 = output already exists.
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 3
+EXIT_OUTPUT_EXISTS = 4
+
+
 class SlidejobError(Exception):
     """Base of every error slidejob raises deliberately."""
+
+    exit_code = EXIT_ERROR
 
 
 class SlideNotFound(SlidejobError, FileNotFoundError):
     """The slide path does not exist or is not a file."""
 
+    exit_code = EXIT_BAD_INPUT
+
 
 class UnsupportedSlide(SlidejobError, ValueError):
     """The file is not a slide slidejob can read (format, pixel type, size)."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class CorruptSlide(SlidejobError, ValueError):
     """The file claims to be a slide but its content cannot be decoded."""
 
+    exit_code = EXIT_BAD_INPUT
+
 
 class OutputExists(SlidejobError, FileExistsError):
     """The output already exists and overwriting was not asked for."""
+
+    exit_code = EXIT_OUTPUT_EXISTS
 
 
 class ModelError(SlidejobError, ValueError):

@@ -1,0 +1,149 @@
+"""The 512×512 Zarr v3 chunk store of a slide, and atomic output directories.
+
+Layout of ``OUT.zarr`` (a Zarr v3 group)::
+
+    OUT.zarr/
+      zarr.json            group attributes under "slidejob": slide metadata,
+                           tissue grid, parameters, "complete": true
+      0/                   level 0, (H, W, 3) uint8, chunks (512, 512, 3);
+                           background chunks are absent (read as fill 255, glass)
+      tissue_fraction/     (ceil(H/512), ceil(W/512)) float32 per-chunk tissue fraction
+
+Every store is built under a hidden temporary name beside its destination and
+renamed into place only when complete, so an interrupted run never leaves
+something that looks finished.  Chunk writes are idempotent: a task writes
+only its own chunks, so a retried task rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from slidejob.errors import OutputExists
+
+logger = logging.getLogger(__name__)
+
+CHUNK_PX = 512
+LEVEL0 = "0"
+TISSUE_FRACTION = "tissue_fraction"
+#: Absent chunks read as white, i.e. glass, so a viewer shows background as a slide would.
+IMAGE_FILL = 255
+
+
+def image_codecs() -> list[Any]:
+    """Compression for RGB tiles.
+
+    Blosc-LZ4 compresses at several GB/s, so writing stays well ahead of JPEG
+    decoding (the tiling stage's real cost); zstd shrinks H&E further but
+    costs more CPU than decode itself.  Shuffle is useless on interleaved uint8.
+    """
+    return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle)]
+
+
+def tmp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``final`` when the block exits cleanly.
+
+    On error the temporary directory is removed and ``final`` is untouched.
+    With ``overwrite`` an existing ``final`` is replaced (moved aside, then
+    removed after the new one is in place).
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise OutputExists(f"{final}: already exists; pass --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def create_image_store(
+    path: Path, *, height_px: int, width_px: int, attributes: dict[str, Any], tissue_fraction: npt.NDArray[np.float32]
+) -> zarr.Group:
+    """Create the group, the empty level-0 array and the tissue-fraction array."""
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.attrs["slidejob"] = attributes
+    root.create_array(
+        LEVEL0,
+        shape=(height_px, width_px, 3),
+        chunks=(CHUNK_PX, CHUNK_PX, 3),
+        dtype="uint8",
+        fill_value=IMAGE_FILL,
+        compressors=image_codecs(),
+        dimension_names=("y", "x", "c"),
+        config={"write_empty_chunks": False},
+    )
+    tf = root.create_array(
+        TISSUE_FRACTION, shape=tissue_fraction.shape, chunks=tissue_fraction.shape or (1,), dtype="float32"
+    )
+    tf[...] = tissue_fraction
+    return root
+
+
+def write_block(
+    path: Path,
+    y0: int,
+    x0: int,
+    block: npt.NDArray[np.uint8],
+    background: npt.NDArray[np.bool_],
+) -> int:
+    """Write one block of whole chunks at ``(y0, x0)``; chunks flagged in ``background`` are left absent.
+
+    The block's background chunks are set to the fill value, which Zarr does
+    not store (``write_empty_chunks=False``), so the block goes down in one
+    call whose chunk encodes run concurrently.  Returns the bytes of pixels written.
+    """
+    arr = zarr.open_array(Path(path) / LEVEL0, mode="r+", config={"write_empty_chunks": False})
+    if background.any():
+        block = block.copy()
+        for cy, cx in zip(*np.nonzero(background)):
+            block[cy * CHUNK_PX : (cy + 1) * CHUNK_PX, cx * CHUNK_PX : (cx + 1) * CHUNK_PX] = IMAGE_FILL
+    arr[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block
+    return int(block.nbytes)
+
+
+def read_attributes(path: Path) -> dict[str, Any]:
+    """The ``slidejob`` attributes of a store (raises if it is not a slidejob store)."""
+    root = zarr.open_group(path, mode="r")
+    attrs = root.attrs.get("slidejob")
+    if not isinstance(attrs, dict):
+        raise ValueError(f"{path}: not a slidejob store (no 'slidejob' attributes)")
+    return dict(attrs)
+
+
+def stored_chunks(path: Path, array: str = LEVEL0) -> set[tuple[int, int]]:
+    """The (row, col) indices of the chunks actually present in an array (level 0 is 3-D, one chunk deep in c)."""
+    chunk_dir = Path(path) / array / "c"
+    present = set()
+    if chunk_dir.is_dir():
+        for p in chunk_dir.glob("*/*/*" if array == LEVEL0 else "*/*"):
+            parts = p.relative_to(chunk_dir).parts
+            present.add((int(parts[0]), int(parts[1])))
+    return present
