@@ -19,8 +19,8 @@ from scipy import ndimage
 #: The saturation threshold never goes above this: pale (poorly stained or
 #: thin) tissue sits around 0.08-0.15 and must not be dropped.
 MAX_SATURATION_THRESHOLD = 0.08
-#: ...nor below this: JPEG noise on glass reaches ~0.03.
-MIN_SATURATION_THRESHOLD = 0.04
+#: ...nor below this: sensor and JPEG noise on glass reaches ~0.04 per pixel.
+MIN_SATURATION_THRESHOLD = 0.05
 #: Darker than this (value channel, 0-1) is scanner border, black pen or dust.
 MIN_VALUE = 0.15
 #: Default fraction of a chunk that must be tissue for the chunk to be kept;
@@ -111,10 +111,14 @@ def detect_tissue(rgb: npt.NDArray[np.uint8], params: TissueParams | None = None
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
     _, sat, val = hsv(rgb)
+    # A 3x3 mean averages per-pixel noise on glass away; tissue texture is coarser.
+    sat = ndimage.uniform_filter(sat, size=3, mode="nearest")
     bright = val > p.min_value
     threshold = otsu_threshold(sat[bright]) if bright.any() else 1.0
     threshold = float(np.clip(threshold, p.min_saturation_threshold, p.max_saturation_threshold))
-    mask = (sat > threshold) & bright & ~pen_mask(rgb)
+    # Grow pen and darkness by the smoothing's reach, or their rims pass as tissue.
+    pen = ndimage.binary_dilation(pen_mask(rgb) | ~bright, iterations=1)
+    mask = (sat > threshold) & ~pen
     n = mask.size
     # Fill small holes (lumen, fat cells read as glass) but not large ones.
     labels, count = ndimage.label(~mask)

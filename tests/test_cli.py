@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from slidejob.cli import cli
+from slidejob.synthetic import write_slide
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "slidejob", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_help_has_examples() -> None:
+    runner = CliRunner()
+    top = runner.invoke(cli, ["--help"])
+    assert top.exit_code == 0 and "tile" in top.output
+    for cmd in ("info", "tissue", "tile"):
+        res = runner.invoke(cli, [cmd, "--help"])
+        assert res.exit_code == 0 and "Examples:" in res.output, cmd
+
+
+def test_info_json(real_slides: Path) -> None:
+    res = CliRunner().invoke(cli, ["info", "--format", "json", str(real_slides / "ome-tiff")])
+    assert res.exit_code == 0, res.output
+    records = json.loads(res.output)
+    assert [Path(r["path"]).name for r in records] == ["OS-1-detail.ome.tif", "OS-2-ndpi.ome.tif"]
+    assert all(r["mpp_source"] == "ome:PhysicalSizeX" for r in records)
+
+
+def test_tissue_png_and_tile(tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "s.tif", 1100, 1600, tissue_boxes=[(0, 0, 700, 700)])
+    res = CliRunner().invoke(cli, ["tissue", str(slide.path), "--png", str(tmp_path / "t.png")])
+    assert res.exit_code == 0, res.output
+    assert "4 of 12 chunks hold tissue" in res.output
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = CliRunner().invoke(cli, ["tile", str(slide.path), "--out", str(tmp_path / "s.zarr"), "--mpp", "0.3"])
+    assert res.exit_code == 0, res.output
+    assert "4 of 12 chunks written" in res.output
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "not-tiff", "truncated"])
+def test_bad_input_exits_nonzero_with_one_line(tmp_path: Path, kind: str) -> None:
+    good = write_slide(tmp_path / "good.tif", 1024, 1024, tissue_boxes=[(0, 0, 1024, 1024)], n_levels=1).path
+    bad = {
+        "missing": tmp_path / "missing.svs",
+        "empty": tmp_path / "empty.svs",
+        "not-tiff": tmp_path / "text.tif",
+        "truncated": tmp_path / "cut.tif",
+    }[kind]
+    if kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "not-tiff":
+        bad.write_text("hello")
+    elif kind == "truncated":
+        bad.write_bytes(good.read_bytes()[:5000])
+    out = tmp_path / "out.zarr"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_cli("tile", str(bad), "--out", str(out))
+    assert proc.returncode == 3
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slidejob: error: ") and str(bad) in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
+
+
+def test_existing_output_exit_status(tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "s.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
+    (tmp_path / "s.zarr").mkdir()
+    proc = run_cli("tile", str(slide.path), "--out", str(tmp_path / "s.zarr"))
+    assert proc.returncode == 4 and "--overwrite" in proc.stderr

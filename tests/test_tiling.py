@@ -1,0 +1,148 @@
+"""Tiling a slide into the 512×512 Zarr chunk store (slidejob.pipeline.tile_slide, slidejob.chunkstore)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from slidejob import chunkstore
+from slidejob.errors import CorruptSlide, OutputExists
+from slidejob.pipeline import detect_slide_tissue, tile_slide
+from slidejob.synthetic import write_slide
+from slidejob.wsi import open_slide
+
+
+def _assert_store_matches_slide(store: Path, slide_path: Path, grid: np.ndarray) -> None:
+    """Every tissue chunk holds the slide's pixels exactly; every background chunk is absent."""
+    arr = zarr.open_group(store, mode="r")[chunkstore.LEVEL0]
+    with open_slide(slide_path) as reader:
+        h, w = reader.info.height_px, reader.info.width_px
+        assert arr.shape == (h, w, 3) and arr.chunks == (512, 512, 3) and arr.dtype == np.uint8
+        expected_present = {(int(y), int(x)) for y, x in zip(*np.nonzero(grid))}
+        assert chunkstore.stored_chunks(store) <= expected_present
+        for cy in range(grid.shape[0]):
+            for cx in range(grid.shape[1]):
+                ys, xs = slice(cy * 512, min((cy + 1) * 512, h)), slice(cx * 512, min((cx + 1) * 512, w))
+                got = arr[ys, xs]
+                if grid[cy, cx]:
+                    want = reader.read_region(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)
+                    np.testing.assert_array_equal(got, want, err_msg=f"chunk {cy},{cx}")
+                else:
+                    assert (cy, cx) not in chunkstore.stored_chunks(store)
+                    assert (got == chunkstore.IMAGE_FILL).all()
+
+
+@pytest.mark.parametrize(
+    ("h", "w"),
+    [(1, 700), (700, 1), (300, 200), (512, 512), (1536, 1024), (1500, 1100), (2100, 1700)],
+)
+def test_store_equals_slide_pixels_lossless(tmp_path: Path, h: int, w: int) -> None:
+    boxes = [(0, 0, h, w)] if min(h, w) < 512 else [(0, 0, h // 2, w // 2), (h - h // 3, w - w // 3, h, w)]
+    slide = write_slide(tmp_path / "s.tif", h, w, tissue_boxes=boxes, compression="zlib", tile_px=16 if min(h, w) < 64 else 256)
+    out = tmp_path / "s.zarr"
+    result = tile_slide(slide.path, out)
+    expected = slide.chunk_fraction() >= 0.01
+    tr = detect_slide_tissue(slide.path)
+    np.testing.assert_array_equal(tr.grid, expected)
+    assert result.n_tissue_chunks == int(expected.sum())
+    _assert_store_matches_slide(out, slide.path, expected)
+
+
+def test_store_attributes(tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "s.tif", 1200, 1300, tissue_boxes=[(0, 0, 600, 600)], mpp_um=0.25)
+    out = tmp_path / "s.zarr"
+    tile_slide(slide.path, out)
+    attrs = chunkstore.read_attributes(out)
+    assert attrs["complete"] is True and attrs["kind"] == "tiles"
+    assert attrs["slide"]["mpp_um"] == pytest.approx(0.25)
+    assert attrs["slide"]["mpp_source"] == "tiff:XResolution(px/cm)"
+    assert attrs["slide"]["width_px"] == 1300 and attrs["slide"]["vendor"] == "tiff"
+    assert attrs["slide"]["fingerprint"].startswith("sha256:")
+    assert attrs["tissue"]["grid"] == ["##.", "##.", "..."]
+    assert attrs["tissue"]["n_tissue_chunks"] == 4
+    assert 0.2 < attrs["tissue"]["tissue_fraction"] < 0.3
+    assert attrs["slidejob_version"]
+    frac = zarr.open_group(out, mode="r")[chunkstore.TISSUE_FRACTION][...]
+    assert frac.shape == (3, 3) and frac[0, 0] == pytest.approx(1.0)
+
+
+def test_pale_tissue_is_tiled(tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "p.tif", 1024, 2048, tissue_boxes=[(0, 0, 1024, 512)],
+                        pale_boxes=[(0, 1536, 1024, 2048)], compression="zlib")
+    out = tmp_path / "p.zarr"
+    tile_slide(slide.path, out)
+    assert chunkstore.stored_chunks(out) == {(0, 0), (1, 0), (0, 3), (1, 3)}
+
+
+def test_real_slides_tile_losslessly_from_decoded_pixels(real_slides: Path, tmp_path: Path) -> None:
+    for name in ("aperio/CMU-1-Small-Region.svs", "aperio/CMU-1-crop-16x16.svs", "ome-tiff/OS-1-detail.ome.tif"):
+        out = tmp_path / (Path(name).name + ".zarr")
+        tile_slide(real_slides / name, out)
+        grid = detect_slide_tissue(real_slides / name).grid
+        assert grid.any()
+        _assert_store_matches_slide(out, real_slides / name, grid)
+
+
+def test_existing_output_is_refused_then_replaced(tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "s.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
+    out = tmp_path / "s.zarr"
+    tile_slide(slide.path, out)
+    with pytest.raises(OutputExists, match="--overwrite"):
+        tile_slide(slide.path, out)
+    tile_slide(slide.path, out, overwrite=True)
+    assert chunkstore.read_attributes(out)["complete"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif", "s.zarr"]
+
+
+def test_failure_midway_leaves_nothing_that_looks_like_output(tmp_path: Path) -> None:
+    import tifffile
+
+    slide = write_slide(tmp_path / "s.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)], compression="zlib",
+                        n_levels=3)
+    with tifffile.TiffFile(slide.path) as tf:
+        page = tf.pages[0]
+        offset, count = page.dataoffsets[-1], page.databytecounts[-1]
+    data = bytearray(slide.path.read_bytes())
+    data[offset : offset + count] = b"\x00" * count  # level 0's last tile no longer decodes
+    slide.path.write_bytes(bytes(data))
+    out = tmp_path / "s.zarr"
+    with pytest.raises(CorruptSlide, match="cannot decode"):
+        tile_slide(slide.path, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]
+
+
+def test_failed_rerun_keeps_previous_store(tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "s.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)], compression="zlib")
+    out = tmp_path / "s.zarr"
+    tile_slide(slide.path, out)
+    before = zarr.open_group(out, mode="r")[chunkstore.LEVEL0][...]
+    slide.path.write_bytes(slide.path.read_bytes()[:2000])  # the slide is damaged after the first run
+    with pytest.raises(CorruptSlide):
+        tile_slide(slide.path, out, overwrite=True)
+    np.testing.assert_array_equal(zarr.open_group(out, mode="r")[chunkstore.LEVEL0][...], before)
+
+
+def test_distributed_cluster_gives_the_same_store(tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    slide = write_slide(tmp_path / "s.tif", 2000, 1800, tissue_boxes=[(100, 100, 1500, 900), (1200, 1000, 2000, 1800)],
+                        compression="zlib")
+    tile_slide(slide.path, tmp_path / "threads.zarr")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster):
+        tile_slide(slide.path, tmp_path / "dist.zarr")
+    a = zarr.open_group(tmp_path / "threads.zarr", mode="r")[chunkstore.LEVEL0][...]
+    b = zarr.open_group(tmp_path / "dist.zarr", mode="r")[chunkstore.LEVEL0][...]
+    np.testing.assert_array_equal(a, b)
+    assert chunkstore.stored_chunks(tmp_path / "threads.zarr") == chunkstore.stored_chunks(tmp_path / "dist.zarr")
+
+
+def test_flat_tiff_thumbnail_is_reduced_in_blocks(tmp_path: Path) -> None:
+    # No pyramid and larger than the thumbnail limit: detection still finds the tissue.
+    slide = write_slide(tmp_path / "flat.tif", 3000, 2600, tissue_boxes=[(1000, 1000, 2000, 2000)], n_levels=1)
+    tr = detect_slide_tissue(slide.path, max_side_px=500)
+    assert max(tr.thumbnail.shape[:2]) <= 500
+    np.testing.assert_array_equal(tr.grid, slide.chunk_fraction() >= 0.01)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from slidejob import tissue
+from slidejob.synthetic import GLASS_RGB, render_block
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray]:
+    """A 200x300 thumbnail: H&E tissue, pale tissue, green pen, a black border; with the true tissue mask."""
+    img = render_block(0, 0, 200, 300, tissue_boxes=[(20, 20, 120, 120)], pale_boxes=[(130, 20, 190, 120)])
+    truth = np.zeros((200, 300), bool)
+    truth[20:120, 20:120] = True
+    truth[130:190, 20:120] = True
+    img[40:160, 180:190] = (40, 160, 60)  # green marker stroke on glass
+    img[:, 285:] = (5, 5, 5)  # black scanner border
+    return img, truth
+
+
+def test_detects_tissue_keeps_pale_drops_pen_and_border() -> None:
+    img, truth = _scene()
+    mask = tissue.detect_tissue(img)
+    assert mask[truth].mean() > 0.99  # pale tissue included
+    near = ndimage.binary_dilation(truth, iterations=1)  # the 3x3 smoothing may grow edges by a pixel
+    assert not mask[~near].any()  # glass, pen and border excluded
+    assert not mask[40:160, 180:190].any()
+    assert not mask[:, 285:].any()
+
+
+def test_glass_only_is_empty() -> None:
+    img = np.empty((64, 64, 3), np.uint8)
+    img[...] = GLASS_RGB
+    img = (img.astype(int) + np.random.default_rng(0).integers(-3, 4, img.shape)).clip(0, 255).astype(np.uint8)
+    assert not tissue.detect_tissue(img).any()
+
+
+def test_small_holes_filled_large_holes_kept() -> None:
+    img = render_block(0, 0, 400, 400, tissue_boxes=[(0, 0, 400, 400)])
+    img[100:103, 100:103] = GLASS_RGB  # a 9 px lumen: filled
+    img[200:350, 200:350] = GLASS_RGB  # a large gap: stays glass
+    mask = tissue.detect_tissue(img)
+    assert mask[100:103, 100:103].all()
+    assert not mask[210:340, 210:340].any()
+
+
+def test_otsu_separates_two_modes() -> None:
+    values = np.concatenate([np.full(100, 0.02), np.full(100, 0.4)])
+    assert 0.02 < tissue.otsu_threshold(values) <= 0.4
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 700), (700, 1), (300, 200), (1024, 1024), (1500, 1100)])
+def test_chunk_fraction_exact_on_integer_downsample(h: int, w: int) -> None:
+    rng = np.random.default_rng(h * 7 + w)
+    level0 = rng.random((h, w)) > 0.7
+    ds = 4
+    # Thumbnail pixel = "any tissue" would bias; use a level-0 mask that is constant on 4x4 blocks.
+    thumb = level0[::ds, ::ds]
+    level0 = np.repeat(np.repeat(thumb, ds, 0), ds, 1)[:h, :w]
+    frac = tissue.chunk_tissue_fraction(thumb, downsample_yx=(ds, ds), level0_shape_px=(h, w))
+    assert frac.shape == (-(-h // 512), -(-w // 512))
+    for cy in range(frac.shape[0]):
+        for cx in range(frac.shape[1]):
+            c = level0[cy * 512 : (cy + 1) * 512, cx * 512 : (cx + 1) * 512]
+            t = thumb[cy * 128 : cy * 128 + -(-c.shape[0] // ds), cx * 128 : cx * 128 + -(-c.shape[1] // ds)]
+            assert frac[cy, cx] == pytest.approx(t.mean(), abs=1e-6)
+
+
+def test_grid_text_roundtrip() -> None:
+    g = np.random.default_rng(1).random((7, 5)) > 0.5
+    np.testing.assert_array_equal(tissue.text_to_grid(tissue.grid_to_text(g)), g)
+
+
+def test_block_mean_downsample_matches_numpy() -> None:
+    img = np.random.default_rng(2).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    out = tissue.block_mean_downsample(img, 4)
+    ref = np.round(img.reshape(16, 4, 12, 4, 3).astype(np.float64).mean(axis=(1, 3))).astype(np.uint8)
+    np.testing.assert_array_equal(out, ref)
