@@ -135,7 +135,7 @@ def tissue(slide: Path, png_path: Path | None, mpp_um: float | None, min_tissue_
     The PNG tints detected tissue green and outlines each chunk that will be
     tiled and inferred in blue.
     """
-    from slidejob.pipeline import detect_slide_tissue
+    from slidejob.pipeline import compute_thumbnail, detect_slide_tissue
     from slidejob.render import save_png, tissue_overlay
 
     tr = detect_slide_tissue(slide, mpp_um=mpp_um, min_tissue_fraction=min_tissue_fraction)
@@ -144,7 +144,9 @@ def tissue(slide: Path, png_path: Path | None, mpp_um: float | None, min_tissue_
         f"(tissue covers {tr.tissue_mask.mean():.1%} of the slide)"
     )
     if png_path is not None:
-        save_png(tissue_overlay(tr.thumbnail, tr.tissue_mask, tr.grid, tr.thumbnail_downsample_yx), png_path)
+        side = max(tr.info.height_px, tr.info.width_px)
+        picture, ds, _ = compute_thumbnail(slide, mpp_um=mpp_um, downsample=max(1.0, side / 1024), max_side_px=1024)
+        save_png(tissue_overlay(picture, tr.tissue_mask, tr.grid, ds), png_path)
         click.echo(f"wrote {png_path}")
 
 
@@ -193,3 +195,9 @@ def tile(
         f"{out}: {result.n_tissue_chunks} of {result.n_chunks} chunks written in {result.seconds:.1f} s "
         f"({result.megapixels_per_s:.0f} MP/s)"
     )
+
+
+from slidejob.cli_training import evaluate, train  # noqa: E402
+
+cli.add_command(train)
+cli.add_command(evaluate)

@@ -69,37 +69,45 @@ def _thumbnail_block(path: str, mpp_um: float | None, level: int, y0: int, x0: i
 
 
 def compute_thumbnail(
-    path: Path, *, mpp_um: float | None = None, max_side_px: int | None = None
+    path: Path,
+    *,
+    mpp_um: float | None = None,
+    downsample: float | None = None,
+    max_side_px: int | None = None,
 ) -> tuple[npt.NDArray[np.uint8], tuple[float, float], SlideInfo]:
     """A low-resolution RGB image of the whole slide, with its downsample relative to level 0.
 
-    Uses the coarsest pyramid level that is still at least as detailed as
-    needed; when that level is larger than ``max_side_px`` (a flat TIFF, or a
-    sparse pyramid) it is reduced block by block in parallel, so memory stays
-    bounded by the thumbnail's size whatever the slide's.
+    Aims at ``downsample`` (default 32: a 512-px chunk becomes 16×16 px, about
+    what tissue detection in CLAM and WSInfer works at), coarser when needed to
+    keep the longest side within ``max_side_px``.  Reads the coarsest pyramid
+    level that is at least that detailed and reduces it by a power of two,
+    block by block in parallel, so memory stays bounded by the thumbnail's size
+    whatever the slide's (a flat TIFF without pyramid included).
     """
     max_side_px = int(config.get("tile.thumbnail-max-side-px", max_side_px))
+    target = float(config.get("tile.thumbnail-downsample", downsample))
     with open_slide(path, mpp_um=mpp_um) as reader:
         info = reader.info
-        target = max(1.0, max(info.height_px, info.width_px) / max_side_px)
+        # Small slides keep at least ~64 px on their short side for the detector to work with.
+        target = min(target, min(info.height_px, info.width_px) / 64)
+        target = max(target, max(info.height_px, info.width_px) / max_side_px, 1.0)
         candidates = [lv for lv in info.levels if lv.downsample <= target * 1.01]
         lv = max(candidates, key=lambda v: v.downsample) if candidates else info.levels[0]
         factor = 1
-        while max(lv.height_px, lv.width_px) / factor > max_side_px:
+        while lv.downsample * factor * 2 <= target * 1.01 or max(lv.height_px, lv.width_px) / factor > max_side_px:
             factor *= 2
         if factor == 1:
             thumb = reader.read_region(0, 0, lv.height_px, lv.width_px, level=lv.index)
     if factor > 1:
         # Blocks are a multiple of the factor so block means line up with the thumbnail grid.
-        block = factor * max(1, 1024 // factor)
-        rows = []
-        for y0 in range(0, lv.height_px, block):
-            rows.append(
-                [
-                    dask.delayed(_thumbnail_block)(str(path), mpp_um, lv.index, y0, x0, block, factor)
-                    for x0 in range(0, lv.width_px, block)
-                ]
-            )
+        block = factor * max(1, 2048 // factor)
+        rows = [
+            [
+                dask.delayed(_thumbnail_block)(str(path), mpp_um, lv.index, y0, x0, block, factor)
+                for x0 in range(0, lv.width_px, block)
+            ]
+            for y0 in range(0, lv.height_px, block)
+        ]
         parts = dask.compute(rows)[0]
         thumb = np.concatenate([np.concatenate(r, axis=1) for r in parts], axis=0)
     dy = info.height_px / lv.height_px * factor
@@ -114,6 +122,7 @@ def detect_slide_tissue(
     min_tissue_fraction: float | None = None,
     all_tissue: bool = False,
     params: tissue.TissueParams | None = None,
+    downsample: float | None = None,
     max_side_px: int | None = None,
 ) -> TissueResult:
     """Tissue mask of the slide's thumbnail and the level-0 chunk grid it implies.
@@ -121,7 +130,7 @@ def detect_slide_tissue(
     ``all_tissue`` marks every chunk as tissue (no background skipping).
     """
     min_tissue_fraction = float(config.get("tile.min-tissue-fraction", min_tissue_fraction))
-    thumb, ds, info = compute_thumbnail(path, mpp_um=mpp_um, max_side_px=max_side_px)
+    thumb, ds, info = compute_thumbnail(path, mpp_um=mpp_um, downsample=downsample, max_side_px=max_side_px)
     mask = np.ones(thumb.shape[:2], bool) if all_tissue else tissue.detect_tissue(thumb, params)
     fraction = tissue.chunk_tissue_fraction(
         mask, downsample_yx=ds, level0_shape_px=(info.height_px, info.width_px), chunk_px=CHUNK_PX

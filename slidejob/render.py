@@ -21,9 +21,16 @@ def tissue_overlay(
 ) -> Image.Image:
     """Thumbnail with detected tissue tinted green and tissue chunks outlined.
 
-    Small thumbnails are enlarged (nearest neighbour) so that the grid stays
-    visible on slides of a few chunks.
+    ``tissue_mask`` may be coarser than the thumbnail (detection runs at a
+    fixed low resolution, the picture can be sharper); it is scaled to the
+    thumbnail by nearest neighbour, so what is drawn is what was detected.
+    Small thumbnails are enlarged so the grid stays visible on slides of a few chunks.
     """
+    if tissue_mask.shape != thumbnail.shape[:2]:
+        scaled = Image.fromarray(tissue_mask.astype(np.uint8) * 255).resize(
+            (thumbnail.shape[1], thumbnail.shape[0]), Image.Resampling.NEAREST
+        )
+        tissue_mask = np.asarray(scaled) > 127
     base = thumbnail.astype(np.float32)
     tint = np.array([0, 200, 0], np.float32)
     base[tissue_mask] = 0.75 * base[tissue_mask] + 0.25 * tint

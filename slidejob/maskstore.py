@@ -1,0 +1,144 @@
+"""The per-slide mask store: an OME-Zarr (NGFF 0.5, Zarr v3) multiscale label image.
+
+Layout of ``<slide-id>/mask.ome.zarr`` (likewise ``probability.ome.zarr``)::
+
+    mask.ome.zarr/
+      zarr.json        attributes: "ome" (NGFF multiscales + image-label) and
+                       "slidejob" (slide info, tissue grid, model, threshold, ...)
+      0/               level 0, (H, W) uint8, 0 = not cancer, 1 = cancer,
+                       chunks 512×512; a chunk is present iff it was inferred
+                       (a tissue chunk); background chunks are absent (read 0)
+      1/, 2/, ...      each half the previous (max over 2×2: a lesion stays
+                       visible when zoomed out), chunks 512×512
+      tissue_fraction/ (ceil(H/512), ceil(W/512)) float32, tissue fraction per level-0 chunk
+
+Any OME-Zarr 0.5 reader (ome-zarr-py, napari-ome-zarr) opens it without slidejob.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from slidejob.chunkstore import CHUNK_PX
+
+NGFF_VERSION = "0.5"
+MASK_NAME = "mask.ome.zarr"
+PROBABILITY_NAME = "probability.ome.zarr"
+TISSUE_FRACTION = "tissue_fraction"
+
+
+def n_levels_for(height_px: int, width_px: int) -> int:
+    """Pyramid levels until the largest side fits in one chunk.
+
+    >>> n_levels_for(512, 512), n_levels_for(513, 100), n_levels_for(100000, 60000)
+    (1, 2, 9)
+    """
+    n, side = 1, max(height_px, width_px)
+    while side > CHUNK_PX:
+        side = -(-side // 2)
+        n += 1
+    return n
+
+
+def level_shape(height_px: int, width_px: int, level: int) -> tuple[int, int]:
+    """Shape of a pyramid level (ceil-halved, so no level-0 pixel is lost)."""
+    h, w = height_px, width_px
+    for _ in range(level):
+        h, w = -(-h // 2), -(-w // 2)
+    return h, w
+
+
+def ngff_attributes(
+    *, name: str, n_levels: int, mpp_um: float | None, label: bool
+) -> dict[str, Any]:
+    """The ``ome`` attributes: multiscales (+ image-label for masks)."""
+    unit = {"unit": "micrometer"} if mpp_um else {}
+    base = mpp_um if mpp_um else 1.0
+    ome: dict[str, Any] = {
+        "version": NGFF_VERSION,
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
+                "datasets": [
+                    {
+                        "path": str(i),
+                        "coordinateTransformations": [{"type": "scale", "scale": [base * 2**i, base * 2**i]}],
+                    }
+                    for i in range(n_levels)
+                ],
+                "type": "max" if label else "mean",
+                "metadata": {"description": "2x2 max pooling" if label else "2x2 mean"},
+            }
+        ],
+    }
+    if label:
+        ome["image-label"] = {
+            "version": NGFF_VERSION,
+            "colors": [{"label-value": 1, "rgba": [255, 0, 0, 160]}],
+            "properties": [{"label-value": 1, "class": "cancer"}],
+        }
+    return ome
+
+
+def create_mask_store(
+    path: Path,
+    *,
+    height_px: int,
+    width_px: int,
+    mpp_um: float | None,
+    attributes: dict[str, Any],
+    tissue_fraction: npt.NDArray[np.float32],
+    name: str = "cancer",
+    label: bool = True,
+) -> zarr.Group:
+    """Create an empty mask (label) or probability store with all its pyramid arrays."""
+    n_levels = n_levels_for(height_px, width_px)
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.attrs.update({"ome": ngff_attributes(name=name, n_levels=n_levels, mpp_um=mpp_um, label=label),
+                       "slidejob": attributes})
+    for level in range(n_levels):
+        root.create_array(
+            str(level),
+            shape=level_shape(height_px, width_px, level),
+            chunks=(CHUNK_PX, CHUNK_PX),
+            dtype="uint8",
+            fill_value=0,
+            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)],
+            dimension_names=("y", "x"),
+            # Level 0 keeps all-zero tissue chunks: a present chunk means "inferred".
+            config={"write_empty_chunks": level == 0},
+        )
+    tf = root.create_array(TISSUE_FRACTION, shape=tissue_fraction.shape, chunks=tissue_fraction.shape or (1,),
+                           dtype="float32")
+    tf[...] = tissue_fraction
+    return root
+
+
+def downsample_max(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """2×2 max pooling with ceil at odd edges.
+
+    >>> downsample_max(np.array([[0, 1, 0], [0, 0, 0], [2, 0, 0]], np.uint8)).tolist()
+    [[1, 0], [2, 0]]
+    """
+    h, w = block.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        block = np.pad(block, ((0, ph), (0, pw)), mode="constant")
+    return block.reshape(block.shape[0] // 2, 2, block.shape[1] // 2, 2).max(axis=(1, 3))
+
+
+def downsample_mean(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """2×2 mean (for probability maps), edge-replicated at odd edges."""
+    h, w = block.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        block = np.pad(block, ((0, ph), (0, pw)), mode="edge")
+    f = block.reshape(block.shape[0] // 2, 2, block.shape[1] // 2, 2).astype(np.float32).mean(axis=(1, 3))
+    return np.round(f).astype(np.uint8)
