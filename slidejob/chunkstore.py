@@ -203,11 +203,13 @@ def read_attributes(path: Path) -> dict[str, Any]:
 
 
 def stored_chunks(path: Path, array: str = LEVEL0) -> set[tuple[int, int]]:
-    """The (row, col) indices of the chunks actually present in an array (level 0 is 3-D, one chunk deep in c)."""
-    chunk_dir = Path(path) / array / "c"
+    """The (row, col) indices of the chunks present in an array (trailing chunk indices, e.g. RGB's 0, dropped)."""
+    array_path = Path(path) / array
+    ndim = len(json.loads((array_path / "zarr.json").read_text())["shape"])
+    chunk_dir = array_path / "c"
     present = set()
     if chunk_dir.is_dir():
-        for p in chunk_dir.glob("*/*/*" if array == LEVEL0 else "*/*"):
+        for p in chunk_dir.glob("/".join(["*"] * ndim)):
             parts = p.relative_to(chunk_dir).parts
             present.add((int(parts[0]), int(parts[1])))
     return present

@@ -9,9 +9,12 @@ otherwise; the caller decides where work runs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,3 +271,537 @@ def tile_slide(
         megapixels_per_s=mp / max(t_done - t_tissue, 1e-9),
         timings=attrs["timings_s"],
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The Dask client
+# --------------------------------------------------------------------------------------------------------
+
+
+def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | None = None) -> dict[str, Any]:
+    """Worker processes and threads for an embedded LocalCluster on this machine.
+
+    With CUDA: one worker per GPU, each declaring a ``GPU`` resource, with a
+    few threads so reading and writing overlap the GPU's forward.  Without:
+    one worker process per 8 cores (one model in memory each), one task
+    thread per core, each forward on one torch thread — on CPUs, parallel
+    forwards scale better than threads inside one forward.
+    """
+    import torch
+
+    cores = os.cpu_count() or 1
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpus:
+        n = int(config.get("cluster.n-workers", n_workers) or n_gpus)
+        t = int(config.get("cluster.threads-per-worker", threads_per_worker) or 4)
+        return {"n_workers": n, "threads_per_worker": t, "resources": {"GPU": 1}, "gpus": n_gpus}
+    n = int(config.get("cluster.n-workers", n_workers) or max(1, cores // 8))
+    t = int(config.get("cluster.threads-per-worker", threads_per_worker) or max(1, cores // n))
+    return {"n_workers": n, "threads_per_worker": t, "resources": None, "gpus": 0}
+
+
+@contextlib.contextmanager
+def dask_client(
+    *,
+    scheduler: str | None = None,
+    scheduler_file: Path | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+) -> Iterator[Any]:
+    """A ``distributed.Client``: to ``scheduler`` / ``scheduler_file`` if given, else an embedded LocalCluster.
+
+    The client is the default for :func:`dask.compute` inside the block.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler or scheduler_file:
+        client = Client(scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None)
+        logger.info("connected to Dask scheduler %s (dashboard %s)", client.scheduler.address, client.dashboard_link)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    shape = local_cluster_shape(n_workers, threads_per_worker)
+    cluster = LocalCluster(
+        n_workers=shape["n_workers"],
+        threads_per_worker=shape["threads_per_worker"],
+        processes=True,
+        resources=shape["resources"],
+        dashboard_address=config.get("cluster.dashboard-address"),
+    )
+    client = Client(cluster)
+    logger.info(
+        "LocalCluster: %d worker process(es) × %d thread(s)%s; dashboard %s",
+        shape["n_workers"], shape["threads_per_worker"], f", {shape['gpus']} GPU(s)" if shape["gpus"] else "",
+        client.dashboard_link,
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def _client_or_none() -> Any:
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _has_gpu_workers(client: Any) -> bool:
+    if client is None:
+        return False
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}) if client else {}
+    return any("GPU" in (w.get("resources") or {}) for w in workers.values())
+
+
+def _threads_per_worker(client: Any) -> int:
+    if client is None:
+        return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return max([w.get("nthreads", 1) for w in workers.values()] or [1])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inference and the mask pyramid
+# --------------------------------------------------------------------------------------------------------
+
+
+def inference_tasks(
+    grid: npt.NDArray[np.bool_],
+    *,
+    spec: Any,
+    tiles_path: Path,
+    mask_path: Path,
+    prob_path: Path | None,
+    halo_px: int,
+    threshold: float,
+    block_chunks: int,
+    batch_size: int,
+    blocks_per_task: int,
+    gpu: bool,
+) -> list[Any]:
+    """Delayed inference tasks: each covers ``blocks_per_task`` blocks, inferring only their tissue rectangles."""
+    from slidejob import geometry, infer
+
+    groups: list[list[geometry.Rect]] = []
+    current: list[geometry.Rect] = []
+    n_blocks = 0
+    for by, bx, sub in block_slices(grid, block_chunks):
+        current.extend((by + r0, bx + c0, by + r1, bx + c1) for r0, c0, r1, c1 in geometry.tissue_rectangles(sub))
+        n_blocks += 1
+        if n_blocks == blocks_per_task:
+            groups.append(current)
+            current, n_blocks = [], 0
+    if current:
+        groups.append(current)
+    with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
+        return [
+            dask.delayed(infer.infer_rects, pure=False)(
+                spec,
+                str(tiles_path),
+                str(mask_path),
+                str(prob_path) if prob_path else None,
+                rects,
+                halo_px=halo_px,
+                threshold=threshold,
+                batch_size=batch_size,
+            )
+            for rects in groups
+        ]
+
+
+def _pyramid_block(path: str, level: int, r0: int, c0: int, n: int, reducer: str) -> int:
+    from slidejob import maskstore
+
+    src = zarr.open_array(Path(path) / str(level - 1), mode="r")
+    dst = chunkstore.ChunkWriter(Path(path) / str(level))
+    reduce = maskstore.downsample_max if reducer == "max" else maskstore.downsample_mean
+    step = 2 * CHUNK_PX
+    block = np.asarray(src[r0 * step : (r0 + n) * step, c0 * step : (c0 + n) * step])
+    small = reduce(block)
+    written = 0
+    for r in range(n):
+        for c in range(n):
+            part = small[r * CHUNK_PX : (r + 1) * CHUNK_PX, c * CHUNK_PX : (c + 1) * CHUNK_PX]
+            if part.size and part.any():  # sparse: all-zero chunks stay absent, as fill value 0
+                dst.write((r0 + r, c0 + c), part)
+                written += 1
+    return written
+
+
+def build_pyramid(path: Path, grid: npt.NDArray[np.bool_], *, reducer: str, block_chunks: int = 4) -> None:
+    """Fill levels 1.. of a mask/probability store from level 0, level by level, only where there is tissue."""
+    from slidejob import maskstore
+
+    root = zarr.open_group(path, mode="r")
+    n_levels = len(root.attrs["ome"]["multiscales"][0]["datasets"])
+    for level in range(1, n_levels):
+        grid = maskstore.downsample_max(grid.astype(np.uint8)).astype(bool)
+        tasks = [
+            dask.delayed(_pyramid_block, pure=False)(str(path), level, by, bx, block_chunks, reducer)
+            for by, bx, _ in block_slices(grid, block_chunks)
+        ]
+        dask.compute(*tasks)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The main job: slides in, masks and manifests out
+# --------------------------------------------------------------------------------------------------------
+
+MANIFEST_NAME = "manifest.json"
+TILES_NAME = "tiles.zarr"
+MANIFEST_SCHEMA = "slidejob-run-manifest/1"
+
+
+@dataclass
+class SlideOutcome:
+    """What happened to one slide of a batch."""
+
+    source: str
+    slide_id: str
+    status: str  # "ok", "failed" or "skipped" (already done with the same inputs)
+    error: str | None
+    out_dir: Path
+    seconds: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    """Outcomes of a batch, in input order."""
+
+    out_dir: Path
+    outcomes: list[SlideOutcome]
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def slide_id_for(path: Path, fingerprint: str | None) -> str:
+    """Stable, unique id: the file's stem plus 10 hex of its content fingerprint.
+
+    Two different slides that share a file name in different folders get
+    different ids; the same slide gets the same id wherever it is read from.
+    Unreadable files (no fingerprint) are keyed by their absolute path instead.
+
+    >>> slide_id_for(Path("/a/CMU 1.svs"), "sha256:0123456789abcdef")
+    'CMU_1-0123456789'
+    """
+    import hashlib
+    import re
+
+    stem = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = Path(stem).stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "slide"
+    if fingerprint:
+        return f"{stem}-{fingerprint.split(':', 1)[-1][:10]}"
+    return f"{stem}-p{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:9]}"
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "slidejob": __version__}
+    for pkg in ("torch", "dask", "distributed", "zarr", "tifffile", "imagecodecs", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover
+            out[pkg] = "absent"
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class RunParameters:
+    """Everything that changes a slide's result; recorded in every manifest, compared on resume."""
+
+    threshold: float
+    precision: str
+    halo_px: int
+    block_chunks: int
+    min_tissue_fraction: float
+    all_tissue: bool
+    mpp_um_override: float | None
+    save_probabilities: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def run_batch(
+    inputs: list[Path],
+    out_dir: Path,
+    *,
+    weights: Path | None = None,
+    threshold: float | None = None,
+    precision: str = "auto",
+    device: str = "auto",
+    halo_px: int | None = None,
+    block_chunks: int | None = None,
+    batch_size: int | None = None,
+    save_probabilities: bool = False,
+    mpp_um: float | None = None,
+    min_tissue_fraction: float | None = None,
+    all_tissue: bool = False,
+    keep_tiles: bool = False,
+    force: bool = False,
+) -> BatchResult:
+    """Segment cancer in every slide of ``inputs`` (files and directories) into ``out_dir``.
+
+    Runs on the active Dask client (see :func:`dask_client`), or on local
+    threads without one.  Each slide is isolated: a failure is recorded with a
+    one-line reason (traceback in the log) and the batch goes on.  A slide
+    whose manifest says it was done with the same fingerprint, weights and
+    parameters is skipped unless ``force``.
+
+    Parameters
+    ----------
+    inputs
+        Slide files and/or directories (searched recursively by extension).
+    out_dir
+        Output directory; each slide gets ``out_dir/<slide-id>/``.
+    weights
+        A model card (``.json``) or its ``.safetensors``; the shipped default when None.
+    threshold
+        Probability threshold; the card's when None.
+    precision
+        ``auto`` (fastest safe for each worker's device), ``fp32``, ``bf16`` or ``fp16``.
+    device
+        ``auto`` (CUDA when a worker has it), ``cpu`` or ``cuda``.
+    halo_px
+        Context around each inferred rectangle; the receptive radius rounded up to 8 when None.
+    block_chunks
+        Chunks per side of an inference block.
+    batch_size
+        Same-shaped inputs per forward (default: 1 on CPU, 8 on GPU workers).
+    save_probabilities
+        Also write ``probability.ome.zarr`` (uint8, probability × 255).
+    mpp_um, min_tissue_fraction, all_tissue
+        As for :func:`tile_slide`.
+    keep_tiles
+        Keep each slide's ``tiles.zarr`` after its mask is written.
+    force
+        Redo slides already done.
+    """
+    from slidejob import geometry, infer, wsi
+    from slidejob.model import ModelCard, resolve_model_paths
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if weights is not None and Path(weights).suffix.lower() == ".json":
+        card_path, weights_path = resolve_model_paths(Path(weights), None)
+    else:
+        card_path, weights_path = resolve_model_paths(None, Path(weights) if weights else None)
+    card = ModelCard.load(card_path)
+    client = _client_or_none()
+    gpu = _has_gpu_workers(client)
+    threads = _threads_per_worker(client)
+    spec = infer.ModelSpec(
+        card_path=str(card_path),
+        weights_path=str(weights_path),
+        weights_sha256=card.weights_sha256,
+        device=device,
+        precision=precision,
+        # Parallel tasks each get one torch thread; one task per worker gets them all.
+        torch_threads=max(1, (os.cpu_count() or 1) // max(1, threads)) if client is not None else 1,
+    )
+    params = RunParameters(
+        threshold=float(card.threshold if threshold is None else threshold),
+        precision=precision,
+        halo_px=geometry.halo_for(card.receptive_radius_px, halo_px),
+        block_chunks=int(config.get("run.block-chunks", block_chunks)),
+        min_tissue_fraction=float(config.get("tile.min-tissue-fraction", min_tissue_fraction)),
+        all_tissue=all_tissue,
+        mpp_um_override=mpp_um,
+        save_probabilities=save_probabilities,
+    )
+    batch = int(batch_size or config.get("run.batch-size-gpu" if gpu else "run.batch-size"))
+    blocks_per_task = int(config.get("run.blocks-per-task-gpu")) if gpu else 1
+    model_info = {
+        "name": card.name,
+        "card_path": str(card_path),
+        "weights_path": str(weights_path),
+        "weights_sha256": card.weights_sha256,
+        "threshold": params.threshold,
+        "mpp_um": card.mpp_um,
+    }
+    slides = wsi.find_slides(list(inputs))
+    logger.info("%d slide(s) to process into %s", len(slides), out_dir)
+    outcomes = []
+    for i, path in enumerate(slides, 1):
+        outcome = _run_one(
+            path, out_dir, spec=spec, params=params, model_info=model_info, batch_size=batch,
+            blocks_per_task=blocks_per_task, gpu=gpu, keep_tiles=keep_tiles, force=force,
+        )
+        logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
+                    f" — {outcome.error}" if outcome.error else "", outcome.seconds)
+        outcomes.append(outcome)
+    return BatchResult(out_dir=out_dir, outcomes=outcomes)
+
+
+def _run_one(
+    path: Path,
+    out_dir: Path,
+    *,
+    spec: Any,
+    params: RunParameters,
+    model_info: dict[str, Any],
+    batch_size: int,
+    blocks_per_task: int,
+    gpu: bool,
+    keep_tiles: bool,
+    force: bool,
+) -> SlideOutcome:
+    from slidejob import maskstore, wsi
+
+    t0 = time.perf_counter()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    timings: dict[str, float] = {}
+    info: SlideInfo | None = None
+    try:
+        fingerprint = wsi.fingerprint_file(path) if path.is_file() else None
+    except OSError:
+        fingerprint = None
+    slide_id = slide_id_for(path, fingerprint)
+    slide_dir = out_dir / slide_id
+    manifest: dict[str, Any] = {
+        "schema": MANIFEST_SCHEMA,
+        "slide_id": slide_id,
+        "status": "running",
+        "error": None,
+        "input": {"path": str(path.resolve()), "fingerprint": fingerprint},
+        "model": model_info,
+        "parameters": params.to_dict(),
+        "versions": _versions(),
+        "started": started.isoformat(timespec="seconds"),
+    }
+    previous = _read_json(slide_dir / MANIFEST_NAME)
+    if (
+        not force
+        and previous
+        and previous.get("status") == "ok"
+        and previous.get("input", {}).get("fingerprint") == fingerprint
+        and previous.get("model", {}).get("weights_sha256") == model_info["weights_sha256"]
+        and previous.get("parameters") == params.to_dict()
+    ):
+        return SlideOutcome(str(path), slide_id, "skipped", None, slide_dir, time.perf_counter() - t0, previous)
+    try:
+        slide_dir.mkdir(parents=True, exist_ok=True)
+        tr = detect_slide_tissue(
+            path, mpp_um=params.mpp_um_override, min_tissue_fraction=params.min_tissue_fraction,
+            all_tissue=params.all_tissue,
+        )
+        info = tr.info
+        manifest["input"].update(
+            {k: getattr(info, k) for k in ("file_size_bytes", "vendor", "width_px", "height_px", "mpp_um",
+                                           "mpp_source", "objective_power", "fluorescence")}
+        )
+        manifest["tissue"] = {k: v for k, v in tr.attributes().items() if k != "grid"}
+        timings["tissue"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        tiles = slide_dir / TILES_NAME
+        tile_slide(path, tiles, overwrite=True, tissue_result=tr, mpp_um=params.mpp_um_override,
+                   all_tissue=params.all_tissue)
+        timings["tile"] = time.perf_counter() - t
+
+        attrs = {
+            "slide_id": slide_id,
+            "slide": info.to_dict(),
+            "tissue": tr.attributes(),
+            "model": model_info,
+            "threshold": params.threshold,
+            "weights_sha256": model_info["weights_sha256"],
+            "parameters": params.to_dict(),
+            "slidejob_version": __version__,
+        }
+        t = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            mask_tmp = stack.enter_context(
+                chunkstore.atomic_directory(slide_dir / maskstore.MASK_NAME, overwrite=True)
+            )
+            maskstore.create_mask_store(
+                mask_tmp, height_px=info.height_px, width_px=info.width_px, mpp_um=info.mpp_um,
+                attributes=attrs, tissue_fraction=tr.fraction,
+            )
+            prob_tmp = None
+            if params.save_probabilities:
+                prob_tmp = stack.enter_context(
+                    chunkstore.atomic_directory(slide_dir / maskstore.PROBABILITY_NAME, overwrite=True)
+                )
+                maskstore.create_mask_store(
+                    prob_tmp, height_px=info.height_px, width_px=info.width_px, mpp_um=info.mpp_um,
+                    attributes=attrs, tissue_fraction=tr.fraction, name="cancer-probability", label=False,
+                )
+            tasks = inference_tasks(
+                tr.grid, spec=spec, tiles_path=tiles, mask_path=mask_tmp, prob_path=prob_tmp,
+                halo_px=params.halo_px, threshold=params.threshold, block_chunks=params.block_chunks,
+                batch_size=batch_size, blocks_per_task=blocks_per_task, gpu=gpu,
+            )
+            n_written = sum(dask.compute(*tasks))
+            timings["infer"] = time.perf_counter() - t
+            t = time.perf_counter()
+            build_pyramid(mask_tmp, tr.grid, reducer="max")
+            if prob_tmp is not None:
+                build_pyramid(prob_tmp, tr.grid, reducer="mean")
+            timings["pyramid"] = time.perf_counter() - t
+        manifest["outputs"] = {"mask": maskstore.MASK_NAME, "inferred_chunks": int(n_written)}
+        if params.save_probabilities:
+            manifest["outputs"]["probability"] = maskstore.PROBABILITY_NAME
+        if not keep_tiles:
+            import shutil
+
+            shutil.rmtree(tiles, ignore_errors=True)
+        else:
+            manifest["outputs"]["tiles"] = TILES_NAME
+        manifest["status"] = "ok"
+    except Exception as exc:  # one bad slide never stops the batch
+        from slidejob.errors import SlidejobError
+
+        # Our own errors are about the input and say all there is; anything else gets its traceback.
+        logger.error("%s: failed: %s", path, _one_line(exc), exc_info=not isinstance(exc, SlidejobError))
+        manifest["status"] = "failed"
+        manifest["error"] = _one_line(exc)
+    finished = _dt.datetime.now(_dt.timezone.utc)
+    seconds = time.perf_counter() - t0
+    timings["total"] = seconds
+    manifest["finished"] = finished.isoformat(timespec="seconds")
+    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(slide_dir / MANIFEST_NAME, manifest)
+    return SlideOutcome(str(path), slide_id, manifest["status"], manifest["error"], slide_dir, seconds, manifest)

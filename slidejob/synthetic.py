@@ -23,6 +23,10 @@ STROMA_RGB = (222, 150, 190)
 NUCLEI_RGB = (110, 70, 160)
 #: Weakly stained tissue: saturation ~0.13, which the tissue detector must keep.
 PALE_RGB = (236, 208, 228)
+#: "Cancer" in generated slides: crowded, dark, hematoxylin-heavy tissue — a
+#: stand-in with a known mask, easy for a small test network to learn.
+CANCER_RGB = (80, 30, 120)
+CANCER_NUCLEI_RGB = (150, 90, 190)
 
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1 in level-0 pixels
 
@@ -37,11 +41,19 @@ class SyntheticSlide:
     mpp_um: float | None
     tissue_boxes: tuple[Box, ...]
     pale_boxes: tuple[Box, ...]
+    cancer_boxes: tuple[Box, ...] = ()
 
     def tissue_mask(self) -> npt.NDArray[np.bool_]:
         """Level-0 tissue mask (only for small slides in tests)."""
         mask = np.zeros((self.height_px, self.width_px), bool)
-        for y0, x0, y1, x1 in self.tissue_boxes + self.pale_boxes:
+        for y0, x0, y1, x1 in self.tissue_boxes + self.pale_boxes + self.cancer_boxes:
+            mask[y0:y1, x0:x1] = True
+        return mask
+
+    def cancer_mask(self) -> npt.NDArray[np.bool_]:
+        """Level-0 cancer mask (only for small slides in tests)."""
+        mask = np.zeros((self.height_px, self.width_px), bool)
+        for y0, x0, y1, x1 in self.cancer_boxes:
             mask[y0:y1, x0:x1] = True
         return mask
 
@@ -54,7 +66,7 @@ class SyntheticSlide:
                 cy0, cx0 = cy * chunk_px, cx * chunk_px
                 cy1, cx1 = min(cy0 + chunk_px, self.height_px), min(cx0 + chunk_px, self.width_px)
                 m = np.zeros((cy1 - cy0, cx1 - cx0), bool)
-                for y0, x0, y1, x1 in self.tissue_boxes + self.pale_boxes:
+                for y0, x0, y1, x1 in self.tissue_boxes + self.pale_boxes + self.cancer_boxes:
                     m[max(y0 - cy0, 0) : max(y1 - cy0, 0), max(x0 - cx0, 0) : max(x1 - cx0, 0)] = True
                 frac[cy, cx] = m.mean()
         return frac
@@ -68,9 +80,12 @@ def render_block(
     *,
     tissue_boxes: Sequence[Box],
     pale_boxes: Sequence[Box] = (),
+    cancer_boxes: Sequence[Box] = (),
     seed: int = 0,
 ) -> npt.NDArray[np.uint8]:
     """The pixels of one block: glass, with textured H&E-like tissue inside the boxes.
+
+    Cancer boxes are painted last, over tissue.
 
     Deterministic per pixel position (the noise is seeded by block origin), so
     blocks rendered in any order give the same slide.
@@ -80,15 +95,20 @@ def render_block(
     out[...] = GLASS_RGB
     yy = np.arange(y0, y0 + height)[:, None]
     xx = np.arange(x0, x0 + width)[None, :]
-    for boxes, pale in ((tissue_boxes, False), (pale_boxes, True)):
+    for boxes, kind in ((tissue_boxes, "tissue"), (pale_boxes, "pale"), (cancer_boxes, "cancer")):
         for by0, bx0, by1, bx1 in boxes:
             sy0, sy1 = max(by0, y0), min(by1, y0 + height)
             sx0, sx1 = max(bx0, x0), min(bx1, x0 + width)
             if sy0 >= sy1 or sx0 >= sx1:
                 continue
             ys, xs = slice(sy0 - y0, sy1 - y0), slice(sx0 - x0, sx1 - x0)
-            if pale:
+            if kind == "pale":
                 base = np.broadcast_to(np.array(PALE_RGB, np.float32), (sy1 - sy0, sx1 - sx0, 3))
+            elif kind == "cancer":
+                phase = (np.sin(yy[ys] / 4.0) * np.sin(xx[:, xs] / 5.0)) > 0.3
+                base = np.where(
+                    phase[..., None], np.array(CANCER_NUCLEI_RGB, np.float32), np.array(CANCER_RGB, np.float32)
+                )
             else:
                 # Nuclei as a lattice of dark blobs on pink stroma: texture that JPEG keeps.
                 phase = (np.sin(yy[ys] / 9.0) * np.sin(xx[:, xs] / 7.0)) > 0.55
@@ -102,6 +122,11 @@ def _inside(y0: int, x0: int, y1: int, x1: int, boxes: Sequence[Box]) -> bool:
     return any(by0 <= y0 and bx0 <= x0 and y1 <= by1 and x1 <= bx1 for by0, bx0, by1, bx1 in boxes)
 
 
+def _overlaps(y0: int, x0: int, y1: int, x1: int, box: Box) -> bool:
+    by0, bx0, by1, bx1 = box
+    return by0 < y1 and y0 < by1 and bx0 < x1 and x0 < bx1
+
+
 def _tiles(
     height: int,
     width: int,
@@ -111,6 +136,7 @@ def _tiles(
     pale: Sequence[Box],
     seed: int,
     texture_pool: int = 0,
+    cancer: Sequence[Box] = (),
 ) -> Iterator[npt.NDArray[np.uint8]]:
     """Tiles of one pyramid level in row-major order (level pixels = mean of level_factor² level-0 pixels).
 
@@ -129,10 +155,17 @@ def _tiles(
         for tx in range(0, width, tile_px):
             h = min(tile_px, height - ty)
             w = min(tile_px, width - tx)
-            if pool and h == w == tile_px and _inside(ty * f, tx * f, (ty + h) * f, (tx + w) * f, boxes):
+            if (
+                pool
+                and h == w == tile_px
+                and _inside(ty * f, tx * f, (ty + h) * f, (tx + w) * f, boxes)
+                and not any(_overlaps(ty * f, tx * f, (ty + h) * f, (tx + w) * f, b) for b in tuple(pale) + tuple(cancer))
+            ):
                 yield pool[(ty // tile_px * 7 + tx // tile_px) % len(pool)]
                 continue
-            full = render_block(ty * f, tx * f, h * f, w * f, tissue_boxes=boxes, pale_boxes=pale, seed=seed)
+            full = render_block(
+                ty * f, tx * f, h * f, w * f, tissue_boxes=boxes, pale_boxes=pale, cancer_boxes=cancer, seed=seed
+            )
             if f > 1:
                 full = full.reshape(h, f, w, f, 3).mean(axis=(1, 3)).astype(np.uint8)
             tile = np.full((tile_px, tile_px, 3), GLASS_RGB, np.uint8)
@@ -147,6 +180,7 @@ def write_slide(
     *,
     tissue_boxes: Sequence[Box] = (),
     pale_boxes: Sequence[Box] = (),
+    cancer_boxes: Sequence[Box] = (),
     compression: str = "jpeg",
     tile_px: int = 256,
     n_levels: int = 3,
@@ -162,8 +196,9 @@ def write_slide(
         Output ``.tif`` path.
     height_px, width_px
         Level-0 size (any size >= 1).
-    tissue_boxes, pale_boxes
-        ``(y0, x0, y1, x1)`` rectangles of normally stained and of pale tissue.
+    tissue_boxes, pale_boxes, cancer_boxes
+        ``(y0, x0, y1, x1)`` rectangles of normally stained tissue, of pale
+        tissue and of "cancer" (painted over tissue).
     compression
         ``"jpeg"`` (lossy, like real scanners) or ``"zlib"`` (lossless, for
         pixel-exact tests).
@@ -186,7 +221,7 @@ def write_slide(
     if mpp_um is not None:
         kwargs["resolution"] = (1e4 / mpp_um, 1e4 / mpp_um)
         kwargs["resolutionunit"] = "CENTIMETER"
-    boxes, pale = tuple(tissue_boxes), tuple(pale_boxes)
+    boxes, pale, cancer = tuple(tissue_boxes), tuple(pale_boxes), tuple(cancer_boxes)
     with tifffile.TiffWriter(path, bigtiff=height_px * width_px * 3 > 2**31) as tw:
         for i, f in enumerate(factors):
             h, w = -(-height_px // f), -(-width_px // f)
@@ -195,7 +230,7 @@ def write_slide(
                 h, w = height_px // f, width_px // f
             extra = {"subifds": len(factors) - 1} if i == 0 else {"subfiletype": 1}
             tw.write(
-                _tiles(h, w, tile_px, f, boxes, pale, seed, texture_pool),
+                _tiles(h, w, tile_px, f, boxes, pale, seed, texture_pool, cancer),
                 shape=(h, w, 3),
                 dtype=np.uint8,
                 **kwargs,
@@ -208,4 +243,5 @@ def write_slide(
         mpp_um=mpp_um,
         tissue_boxes=boxes,
         pale_boxes=pale,
+        cancer_boxes=cancer,
     )

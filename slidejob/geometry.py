@@ -1,0 +1,154 @@
+"""Tile geometry for seamless inference: which rectangles to infer, their halo windows, padding, cropping.
+
+Pure functions on integers and numpy arrays.  The rules that make stitching
+seamless (the mask does not depend on where chunk borders fall):
+
+* every forward's input starts at ``chunk origin - halo_px``; chunk origins
+  are multiples of 512 and ``halo_px`` a multiple of 8, so every input is
+  aligned to the U-Net's 8-px pooling grid the same way a one-pass forward
+  over the whole slide would be;
+* the halo is at least the network's receptive radius, so the kept centre
+  sees exactly the context it would see in a one-pass forward;
+* outside the slide, the input is reflect-padded in both cases alike
+  (:func:`pad_window`), then padded up to a multiple of 8 at the far side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from slidejob.chunkstore import CHUNK_PX
+
+Rect = tuple[int, int, int, int]  # chunk rows [r0, r1) × chunk cols [c0, c1)
+
+
+def halo_for(receptive_radius_px: int, halo_px: int | None = None) -> int:
+    """The halo to use: the requested one, or the receptive radius rounded up to a multiple of 8.
+
+    >>> halo_for(51), halo_for(51, 64), halo_for(0)
+    (56, 64, 0)
+    """
+    if halo_px is None:
+        halo_px = -(-receptive_radius_px // 8) * 8
+    if halo_px < 0 or halo_px % 8:
+        raise ValueError(f"halo_px must be a non-negative multiple of 8, got {halo_px}")
+    return halo_px
+
+
+def tissue_rectangles(grid: npt.NDArray[np.bool_]) -> list[Rect]:
+    """Cover the True cells of a small grid with disjoint rectangles, no False cell included.
+
+    Row runs are merged downwards while the run below is identical, so a
+    solid block becomes one rectangle (one forward, one halo) and a ragged
+    tissue edge a few thin ones, never dragging glass chunks into the model.
+
+    >>> tissue_rectangles(np.array([[1, 1, 0], [1, 1, 0], [0, 1, 1]], bool))
+    [(0, 0, 2, 2), (2, 1, 3, 3)]
+    """
+    rects: list[Rect] = []
+    open_runs: dict[tuple[int, int], int] = {}  # (c0, c1) -> first row
+    gh, gw = grid.shape
+    for r in range(gh + 1):
+        runs: set[tuple[int, int]] = set()
+        if r < gh:
+            c = 0
+            while c < gw:
+                if grid[r, c]:
+                    c0 = c
+                    while c < gw and grid[r, c]:
+                        c += 1
+                    runs.add((c0, c))
+                else:
+                    c += 1
+        for run in list(open_runs):
+            if run not in runs:
+                rects.append((open_runs.pop(run), run[0], r, run[1]))
+        for run in runs:
+            open_runs.setdefault(run, r)
+    return sorted(rects)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The input window of one forward: what to read, how to pad it, what to keep."""
+
+    #: the rectangle kept, level-0 pixels (clipped to the slide)
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    #: the part of the slide read (the rectangle plus halo, clipped)
+    read_y0: int
+    read_x0: int
+    read_y1: int
+    read_x1: int
+    #: reflect padding added around what was read: top, bottom, left, right
+    pad: tuple[int, int, int, int]
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        t, b, left, right = self.pad
+        return (self.read_y1 - self.read_y0 + t + b, self.read_x1 - self.read_x0 + left + right)
+
+    def crop(self) -> tuple[slice, slice]:
+        """Where the kept rectangle lies in the model's output."""
+        oy = self.pad[0] + self.y0 - self.read_y0
+        ox = self.pad[2] + self.x0 - self.read_x0
+        return slice(oy, oy + self.y1 - self.y0), slice(ox, ox + self.x1 - self.x0)
+
+
+def _axis(lo: int, hi: int, halo: int, size: int) -> tuple[int, int, int, int]:
+    read_lo, read_hi = max(lo - halo, 0), min(hi + halo, size)
+    pad_lo = halo - (lo - read_lo)
+    pad_hi = halo - (read_hi - hi)
+    total = read_hi - read_lo + pad_lo + pad_hi
+    pad_hi += -total % 8
+    return read_lo, read_hi, pad_lo, pad_hi
+
+
+def window_for(y0: int, x0: int, y1: int, x1: int, *, halo_px: int, shape_px: tuple[int, int]) -> Window:
+    """The input window for keeping level-0 rectangle ``[y0, y1) × [x0, x1)``.
+
+    >>> w = window_for(512, 0, 1024, 512, halo_px=56, shape_px=(1000, 700))
+    >>> (w.read_y0, w.read_y1, w.read_x0, w.read_x1), w.pad, w.input_shape
+    ((456, 1000, 0, 568), (0, 56, 56, 0), (600, 624))
+    """
+    h, w = shape_px
+    y1, x1 = min(y1, h), min(x1, w)
+    ry0, ry1, pt, pb = _axis(y0, y1, halo_px, h)
+    rx0, rx1, pl, pr = _axis(x0, x1, halo_px, w)
+    return Window(y0, x0, y1, x1, ry0, rx0, ry1, rx1, (pt, pb, pl, pr))
+
+
+def rect_window(rect: Rect, *, halo_px: int, shape_px: tuple[int, int]) -> Window:
+    """:func:`window_for` of a rectangle of chunks."""
+    r0, c0, r1, c1 = rect
+    return window_for(r0 * CHUNK_PX, c0 * CHUNK_PX, r1 * CHUNK_PX, c1 * CHUNK_PX, halo_px=halo_px, shape_px=shape_px)
+
+
+def pad_window(pixels: npt.NDArray[np.uint8], pad: tuple[int, int, int, int]) -> npt.NDArray[np.uint8]:
+    """Reflect-pad an (H, W, C) window; an axis of one pixel is repeated (reflect needs two).
+
+    numpy reflects repeatedly when a pad is wider than the axis, so slides
+    smaller than the halo still pad.
+    """
+    t, b, left, right = pad
+    if not any(pad):
+        return pixels
+    widths = ((t, b), (left, right), (0, 0))
+    if pixels.shape[0] > 1 and pixels.shape[1] > 1:
+        return np.pad(pixels, widths, mode="reflect")
+    out = pixels
+    for axis, (lo, hi) in enumerate(widths[:2]):
+        w = [(0, 0)] * pixels.ndim
+        w[axis] = (lo, hi)
+        out = np.pad(out, w, mode="reflect" if out.shape[axis] > 1 else "edge")
+    return out
+
+
+def one_pass_window(shape_px: tuple[int, int], halo_px: int) -> Window:
+    """The window of a single forward over a whole (small) slide, padded exactly as blocks are."""
+    return window_for(0, 0, shape_px[0], shape_px[1], halo_px=halo_px, shape_px=shape_px)

@@ -1,0 +1,167 @@
+"""U-Net inference on blocks of the chunk store: the per-task edge between stores and the model.
+
+A Dask task receives a small, picklable :class:`ModelSpec` (paths, the
+weights' sha256, device and precision wishes), never the model itself.  The
+model is loaded once per worker process into :data:`_MODELS`, keyed by the
+weights' sha256 and how it runs, and reused by every task on that process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+
+from slidejob import chunkstore, geometry
+from slidejob.chunkstore import CHUNK_PX, ChunkWriter
+
+logger = logging.getLogger(__name__)
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to get the model on a worker: cheap to pickle into every task."""
+
+    card_path: str
+    weights_path: str
+    weights_sha256: str
+    #: "auto" (CUDA when the worker has it, else CPU), "cpu", "cuda", "cuda:1"
+    device: str = "auto"
+    #: "auto" picks the fastest safe precision for the worker's device
+    precision: str = "auto"
+    #: torch intra-op threads on CPU workers; None leaves torch's default
+    torch_threads: int | None = None
+
+
+_MODELS: dict[tuple[str, str, str, bool], Any] = {}
+_LOCK = threading.Lock()
+#: How many times this process has loaded a model (the once-per-worker property is tested on it).
+LOAD_COUNT = 0
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def get_model(spec: ModelSpec) -> Any:
+    """The process's loaded model for ``spec``, loading it on first use."""
+    global LOAD_COUNT
+    import torch
+
+    from slidejob.model import best_precision, load_model
+
+    device = resolve_device(spec.device)
+    if spec.precision == "auto":
+        precision, channels_last = best_precision(device)
+    else:
+        precision, channels_last = spec.precision, spec.precision != "fp32" or device.startswith("cuda")
+    key = (spec.weights_sha256, device, precision, channels_last)
+    model = _MODELS.get(key)
+    if model is not None:
+        return model
+    with _LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            if spec.torch_threads and device == "cpu":
+                torch.set_num_threads(spec.torch_threads)
+            model = load_model(
+                Path(spec.card_path),
+                Path(spec.weights_path),
+                device=device,
+                precision=precision,
+                channels_last=channels_last,
+            )
+            _MODELS[key] = model
+            LOAD_COUNT += 1
+            logger.info("pid %d loaded model %s on %s (%s, channels_last=%s)", os.getpid(),
+                        spec.weights_sha256[:12], device, precision, channels_last)
+    return model
+
+
+def load_count() -> int:
+    """Models loaded by this process (for tests: run it on each worker with ``client.run``)."""
+    return LOAD_COUNT
+
+
+def read_window(image: zarr.Array, window: geometry.Window) -> npt.NDArray[np.uint8]:
+    """Read a window from the level-0 tile store and reflect-pad it to the model's input."""
+    pixels = np.asarray(image[window.read_y0 : window.read_y1, window.read_x0 : window.read_x1])
+    return geometry.pad_window(pixels, window.pad)
+
+
+def predict_windows(model: Any, inputs: list[npt.NDArray[np.uint8]], batch_size: int) -> list[npt.NDArray[np.float32]]:
+    """Probabilities for each input; inputs of the same shape go through the model together."""
+    out: list[npt.NDArray[np.float32] | None] = [None] * len(inputs)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_shape.setdefault(x.shape, []).append(i)
+    for idx in by_shape.values():
+        for s in range(0, len(idx), batch_size):
+            part = idx[s : s + batch_size]
+            probs = model.predict_proba(np.stack([inputs[i] for i in part]))
+            for i, p in zip(part, probs):
+                out[i] = p
+    return out  # type: ignore[return-value]
+
+
+def infer_rects(
+    spec: ModelSpec,
+    tiles_path: str,
+    mask_path: str,
+    prob_path: str | None,
+    rects: list[geometry.Rect],
+    *,
+    halo_px: int,
+    threshold: float,
+    batch_size: int,
+) -> int:
+    """Infer rectangles of tissue chunks and write their mask (and probability) chunks.
+
+    Each chunk is written by exactly one task, so a retried task (a worker
+    died) rewrites the same bytes.  Returns the number of chunks written.
+    """
+    model = get_model(spec)
+    image = zarr.open_array(Path(tiles_path) / chunkstore.LEVEL0, mode="r")
+    shape = image.shape[:2]
+    windows = [geometry.rect_window(r, halo_px=halo_px, shape_px=shape) for r in rects]
+    probs = predict_windows(model, [read_window(image, w) for w in windows], batch_size)
+    mask_writer = ChunkWriter(Path(mask_path) / "0")
+    prob_writer = ChunkWriter(Path(prob_path) / "0") if prob_path else None
+    written = 0
+    for rect, window, p in zip(rects, windows, probs):
+        kept = p[window.crop()]
+        mask = (kept >= threshold).astype(np.uint8)
+        prob8 = np.round(kept * 255).astype(np.uint8) if prob_writer else None
+        r0, c0, r1, c1 = rect
+        for r in range(r0, r1):
+            for c in range(c0, c1):
+                ys = slice((r - r0) * CHUNK_PX, (r - r0 + 1) * CHUNK_PX)
+                xs = slice((c - c0) * CHUNK_PX, (c - c0 + 1) * CHUNK_PX)
+                mask_writer.write((r, c), mask[ys, xs])
+                if prob_writer is not None and prob8 is not None:
+                    prob_writer.write((r, c), prob8[ys, xs])
+                written += 1
+    return written
+
+
+def predict_one_pass(model: Any, image: npt.NDArray[np.uint8], halo_px: int) -> npt.NDArray[np.float32]:
+    """Probabilities of a whole (small) image in one forward, padded exactly as blocks are.
+
+    The reference the stitched result is compared with.
+    """
+    window = geometry.one_pass_window(image.shape[:2], halo_px)
+    padded = geometry.pad_window(image, window.pad)
+    return model.predict_proba(padded[None])[0][window.crop()]

@@ -1,0 +1,221 @@
+"""The main job, `slidejob run`: distributed inference over the chunk store, seamless stitched masks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from slidejob import chunkstore, infer
+from slidejob.model import load_model
+from slidejob.pipeline import run_batch, slide_id_for
+from slidejob.synthetic import write_slide
+from slidejob.wsi import open_slide
+
+
+def _mask(outcome) -> np.ndarray:
+    return zarr.open_group(outcome.out_dir / "mask.ome.zarr", mode="r")["0"][...]
+
+
+def _one_pass(card: Path, slide_path: Path, halo_px: int, precision: str = "fp32") -> np.ndarray:
+    model = load_model(card, precision=precision, channels_last=precision != "fp32")
+    with open_slide(slide_path) as reader:
+        image = reader.read_region(0, 0, reader.info.height_px, reader.info.width_px)
+    return infer.predict_one_pass(model, image, halo_px)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.fixture()
+def all_tissue_slide(tmp_path: Path):
+    # Cancer crossing chunk borders, one lesion over the corner where four chunks meet.
+    return write_slide(
+        tmp_path / "slide.tif", 1300, 1400, tissue_boxes=[(0, 0, 1300, 1400)],
+        cancer_boxes=[(400, 430, 640, 600), (150, 900, 400, 1300), (1000, 100, 1250, 700)], compression="zlib",
+    )
+
+
+def test_stitched_mask_equals_one_pass(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
+    # Blocks of one chunk put a block border every 512 px: the strictest seam test.
+    result = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model, precision="fp32",
+                       block_chunks=1)
+    outcome = result.outcomes[0]
+    assert outcome.status == "ok", outcome.error
+    halo = outcome.manifest["parameters"]["halo_px"]
+    assert halo >= 51 and halo % 8 == 0
+    stitched = _mask(outcome)
+    reference = (_one_pass(tiny_model, all_tissue_slide.path, halo) >= 0.5).astype(np.uint8)
+    assert stitched.shape == reference.shape
+    assert (stitched != reference).mean() <= 0.001
+    assert _dice(stitched, all_tissue_slide.cancer_mask()) > 0.9
+
+
+def test_naive_tiles_show_seams_that_the_halo_removes(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
+    probs = {}
+    for halo in (0, 56):
+        res = run_batch([all_tissue_slide.path], tmp_path / f"h{halo}", weights=tiny_model, precision="fp32",
+                        block_chunks=1, halo_px=halo, save_probabilities=True)
+        probs[halo] = zarr.open_group(res.outcomes[0].out_dir / "probability.ome.zarr", mode="r")["0"][...]
+    reference = np.round(_one_pass(tiny_model, all_tissue_slide.path, 56) * 255)
+    err_naive = np.abs(probs[0].astype(float) - reference)
+    err_halo = np.abs(probs[56].astype(float) - reference)
+    # Near the chunk borders the naive tiles are visibly wrong; with the halo they match the one-pass map.
+    border = np.zeros(reference.shape, bool)
+    border[500:524, :] = border[:, 500:524] = border[1012:1036, :] = border[:, 1012:1036] = True
+    assert err_naive[border].mean() > 5 * max(err_halo[border].mean(), 0.05)
+    assert err_halo.max() <= 2
+
+
+def test_lesion_over_four_chunk_corner(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
+    outcome = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model, precision="fp32").outcomes[0]
+    mask = _mask(outcome)
+    truth = all_tissue_slide.cancer_mask()
+    corner = (slice(400, 640), slice(430, 600))  # spans chunks (0,0), (0,1), (1,0), (1,1)
+    for ys, xs in ((slice(400, 512), slice(430, 512)), (slice(400, 512), slice(512, 600)),
+                   (slice(512, 640), slice(430, 512)), (slice(512, 640), slice(512, 600))):
+        assert mask[ys, xs].mean() > 0.9
+    assert _dice(mask[corner], truth[corner]) > 0.95
+
+
+def test_auto_precision_matches_fp32(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
+    fp32 = _mask(run_batch([all_tissue_slide.path], tmp_path / "a", weights=tiny_model, precision="fp32").outcomes[0])
+    auto = _mask(run_batch([all_tissue_slide.path], tmp_path / "b", weights=tiny_model, precision="auto").outcomes[0])
+    assert _dice(auto, fp32) >= 0.99
+
+
+def test_background_chunks_absent_and_zero(tiny_model: Path, tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "half.tif", 1024, 2048, tissue_boxes=[(0, 0, 1024, 1024)],
+                        cancer_boxes=[(100, 100, 400, 400)], compression="zlib")
+    outcome = run_batch([slide.path], tmp_path / "out", weights=tiny_model).outcomes[0]
+    mask_path = outcome.out_dir / "mask.ome.zarr"
+    assert chunkstore.stored_chunks(mask_path, "0") == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    mask = _mask(outcome)
+    assert not mask[:, 1024:].any()
+    assert outcome.manifest["outputs"]["inferred_chunks"] == 4
+    assert not (outcome.out_dir / "tiles.zarr").exists()  # removed unless --keep-tiles
+
+
+def test_manifest_and_ome_zarr_open_without_slidejob(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
+    outcome = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model).outcomes[0]
+    manifest = json.loads((outcome.out_dir / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["schema"] == "slidejob-run-manifest/1"
+    assert manifest["input"]["fingerprint"].startswith("sha256:")
+    assert len(manifest["model"]["weights_sha256"]) == 64
+    assert {"threshold", "precision", "halo_px", "block_chunks"} <= set(manifest["parameters"])
+    assert {"slidejob", "torch", "dask", "zarr", "tifffile"} <= set(manifest["versions"])
+    assert {"tissue", "tile", "infer", "pyramid", "total"} <= set(manifest["timings_s"])
+    # A standard OME-Zarr reader, not slidejob, reads the label image and its pyramid.
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(outcome.out_dir / "mask.ome.zarr")))())
+    data = nodes[0].data
+    assert len(data) == 3 and tuple(data[0].shape) == (1300, 1400) and tuple(data[1].shape) == (650, 700)
+    np.testing.assert_array_equal(np.asarray(data[0]), _mask(outcome))
+    level1 = np.asarray(data[1])
+    m = _mask(outcome)
+    assert level1[200:300, 250:300].max() == 1 and level1.max() == m.max()
+
+
+def test_rerun_is_skipped_unless_forced(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
+    first = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model).outcomes[0]
+    again = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model).outcomes[0]
+    assert (first.status, again.status) == ("ok", "skipped")
+    forced = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model, force=True).outcomes[0]
+    assert forced.status == "ok"
+    changed = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model, threshold=0.7).outcomes[0]
+    assert changed.status == "ok"  # a different parameter is not "already done"
+
+
+def test_same_file_name_in_two_folders_gets_two_ids(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    s1 = write_slide(tmp_path / "a" / "scan.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)], seed=1)
+    s2 = write_slide(tmp_path / "b" / "scan.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)], seed=2)
+    result = run_batch([tmp_path / "a", tmp_path / "b"], tmp_path / "out", weights=tiny_model)
+    ids = [o.slide_id for o in result.outcomes]
+    assert len(set(ids)) == 2 and all(i.startswith("scan-") for i in ids)
+    assert slide_id_for(s1.path, open_slide(s1.path).info.fingerprint) == ids[0]  # stable
+    assert s2.path.exists()
+
+
+def test_one_bad_slide_does_not_stop_the_batch(tiny_model: Path, tmp_path: Path) -> None:
+    good = write_slide(tmp_path / "in" / "good.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)]) if (
+        (tmp_path / "in").mkdir() or True) else None
+    (tmp_path / "in" / "broken.svs").write_bytes(b"II*\x00garbage")
+    (tmp_path / "in" / "empty.ndpi").write_bytes(b"")
+    result = run_batch([tmp_path / "in"], tmp_path / "out", weights=tiny_model)
+    by_name = {Path(o.source).name: o for o in result.outcomes}
+    assert by_name["good.tif"].status == "ok"
+    assert by_name["broken.svs"].status == "failed" and "broken.svs" in by_name["broken.svs"].error
+    assert by_name["empty.ndpi"].status == "failed" and "empty" in by_name["empty.ndpi"].error
+    for o in result.failed:
+        manifest = json.loads((o.out_dir / "manifest.json").read_text())
+        assert manifest["status"] == "failed" and "\n" not in manifest["error"]
+        assert not (o.out_dir / "mask.ome.zarr").exists()
+    assert good is not None
+
+
+def test_real_slides(real_slides: Path, tiny_model: Path, tmp_path: Path) -> None:
+    result = run_batch([real_slides], tmp_path / "out", weights=tiny_model)
+    assert len(result.outcomes) == 5
+    assert not result.failed, [o.error for o in result.failed]
+    for o in result.outcomes:
+        info = open_slide(o.source).info
+        assert _mask(o).shape == (info.height_px, info.width_px)
+
+
+@pytest.mark.slow
+def test_local_cluster_model_once_per_worker_and_gpu_path(tiny_model: Path, tmp_path: Path) -> None:
+    """2 worker processes declaring a GPU resource (the GPU-cluster code path, run on CPU)."""
+    from distributed import Client, LocalCluster
+
+    slide = write_slide(tmp_path / "s.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)],
+                        cancer_boxes=[(300, 300, 1500, 900)], compression="zlib")
+    reference = _mask(run_batch([slide.path], tmp_path / "ref", weights=tiny_model, block_chunks=1).outcomes[0])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        outcome = run_batch([slide.path], tmp_path / "dist", weights=tiny_model, block_chunks=1).outcomes[0]
+        loads = client.run(infer.load_count)
+    assert outcome.status == "ok", outcome.error
+    np.testing.assert_array_equal(_mask(outcome), reference)
+    assert sorted(loads.values()) == [1, 1], loads  # each process loaded the model once, for 16 tasks
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_still_completes(tiny_model: Path, tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    slide = write_slide(tmp_path / "s.tif", 2048, 2560, tissue_boxes=[(0, 0, 2048, 2560)],
+                        cancer_boxes=[(300, 300, 1500, 2000)], compression="zlib")
+    reference = _mask(run_batch([slide.path], tmp_path / "ref", weights=tiny_model, block_chunks=1).outcomes[0])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = client.run(os.getpid)
+        victim = sorted(pids.values())[0]
+        done: dict = {}
+        runner = threading.Thread(target=lambda: done.setdefault(
+            "r", run_batch([slide.path], tmp_path / "dist", weights=tiny_model, block_chunks=1)))
+        runner.start()
+        # Kill once inference has started writing mask chunks.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            tmp_masks = list((tmp_path / "dist").glob("*/.mask.ome.zarr.tmp-*/0/c/*/*"))
+            if len(tmp_masks) >= 2:
+                break
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)
+        runner.join(timeout=300)
+    outcome = done["r"].outcomes[0]
+    assert outcome.status == "ok", outcome.error
+    np.testing.assert_array_equal(_mask(outcome), reference)
