@@ -324,7 +324,10 @@ class SlideReader:
     def level_array(self, level: int = 0) -> zarr.Array:
         """Lazy Zarr view of one level in the file's own axis order (tifffile ``aszarr``)."""
         if level not in self._arrays:
-            store = self._series.aszarr(level=level)
+            # With maxworkers 1 (tifffile's choice on machines with < 3 cores) the store
+            # decodes inside zarr's single event-loop thread, serialising every read in the
+            # process; > 1 sends each tile's decode to a thread (asyncio.to_thread).
+            store = self._series.aszarr(level=level, maxworkers=max(2, os.cpu_count() or 2))
             self._arrays[level] = zarr.open_array(store, mode="r")
         return self._arrays[level]
 

@@ -1,0 +1,161 @@
+"""Benchmark of the main job, `slidejob run` (issue: distributed inference).  Not a test: prints figures.
+
+From one run, same model, same precision and layout, same threads:
+  * model-only limit: the U-Net's forward on in-memory 512² batches (MP/s);
+  * all-tissue 8192² slide: end to end (tissue + tile + infer + stitch + write + pyramid) as a
+    fraction of that limit (target ≥ 0.9);
+  * half-glass 8192² slide: run time over the run time with background skipping off
+    (target ≤ tissue-chunk fraction + 0.05);
+  * peak memory, client plus all workers (RSS sampled every 50 ms), for an 8192² slide and a
+    32768² slide holding the same 8192² of tissue (target ≤ 1.5 GB, ratio ≤ 1.2).
+When CUDA is present, tiles/s on the GPU and its busy fraction are reported too.
+
+Usage:  python bench/bench_run.py [--side 8192] [--workdir bench/out] [--weights CARD]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from slidejob.pipeline import dask_client, local_cluster_shape, run_batch
+from slidejob.synthetic import write_slide
+
+
+def make_slide(workdir: Path, side_px: int, tissue: str) -> Path:
+    path = workdir / f"run-{side_px}-{tissue}.tif"
+    if not path.exists():
+        boxes = {
+            "all": [(0, 0, side_px, side_px)],
+            "half": [(0, 0, side_px, side_px // 2)],
+            "8k": [(0, 0, 8192, 8192)],
+        }[tissue]
+        tmp = path.with_suffix(".tmp.tif")
+        write_slide(tmp, side_px, side_px, tissue_boxes=boxes, compression="jpeg", n_levels=4, texture_pool=16)
+        tmp.rename(path)
+    return path
+
+
+def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0) -> dict:
+    """Forward of in-memory 512² tiles: `threads` parallel forwards of one torch thread each."""
+    import torch
+
+    from slidejob.model import best_precision, load_model
+
+    precision, channels_last = best_precision("cpu")
+    torch.set_num_threads(1)
+    model = load_model(card, None, precision=precision, channels_last=channels_last)
+    tile = np.random.default_rng(0).integers(0, 255, (1, 512, 512, 3), dtype=np.uint8)
+    model.predict_proba(tile)  # warm-up
+    stop = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def worker(i: int) -> None:
+        while time.perf_counter() < stop:
+            model.predict_proba(tile)
+            counts[i] += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(worker, range(threads)))
+    elapsed = time.perf_counter() - t0
+    return {"precision": precision, "channels_last": channels_last,
+            "mp_s": sum(counts) * 512 * 512 / 1e6 / elapsed}
+
+
+class PeakRSS:
+    """Peak of (this process + its children) RSS, sampled in a thread."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_run(slide: Path, out: Path, card: Path | None, **kwargs) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    result = run_batch([slide], out, weights=card, force=True, **kwargs)
+    seconds = time.perf_counter() - t0
+    o = result.outcomes[0]
+    assert o.status == "ok", o.error
+    return seconds, o.manifest["timings_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--side", type=int, default=8192)
+    ap.add_argument("--workdir", type=Path, default=Path(__file__).parent / "out")
+    ap.add_argument("--weights", type=Path, default=None, help="model card (default: the shipped model)")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    shape = local_cluster_shape()
+    threads = shape["n_workers"] * shape["threads_per_worker"]
+    figures: dict = {"cluster": {k: shape[k] for k in ("n_workers", "threads_per_worker", "gpus")},
+                     "cpu_count": os.cpu_count()}
+    limit = model_limit_mp_s(args.weights, threads)
+    figures["model_limit"] = limit
+    side = args.side
+    all_slide = make_slide(args.workdir, side, "all")
+    half_slide = make_slide(args.workdir, side, "half")
+    out = args.workdir / "run-out"
+    with PeakRSS() as rss8, dask_client() as client:
+        client.wait_for_workers(shape["n_workers"])
+        t_all, timings_all = timed_run(all_slide, out, args.weights)
+    mp = side * side / 1e6
+    figures["all_tissue"] = {"seconds": round(t_all, 1), "mp_s": round(mp / t_all, 3),
+                             "fraction_of_limit": round(mp / t_all / limit["mp_s"], 3), "timings_s": timings_all}
+    with dask_client() as client:
+        client.wait_for_workers(shape["n_workers"])
+        t_half, _ = timed_run(half_slide, out, args.weights)
+        t_half_noskip, _ = timed_run(half_slide, out, args.weights, all_tissue=True)
+    figures["half_glass"] = {"seconds": round(t_half, 1), "seconds_without_skipping": round(t_half_noskip, 1),
+                             "ratio": round(t_half / t_half_noskip, 3), "tissue_chunk_fraction": 0.5,
+                             "target_ratio_max": 0.55}
+    if not args.skip_memory:
+        big = make_slide(args.workdir, 4 * 8192, "8k") if side == 8192 else None
+        small = make_slide(args.workdir, 8192, "all")
+        peaks = {}
+        for name, slide in (("8192", small), ("32768", big)):
+            if slide is None:
+                continue
+            with PeakRSS() as rss, dask_client() as client:
+                client.wait_for_workers(shape["n_workers"])
+                timed_run(slide, out, args.weights)
+            peaks[name] = round(rss.peak_mb, 1)
+        figures["peak_memory_mb"] = peaks
+        if len(peaks) == 2:
+            figures["peak_memory_ratio_32768_over_8192"] = round(peaks["32768"] / peaks["8192"], 3)
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
