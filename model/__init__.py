@@ -1,1 +1,52 @@
-"""The U-Net, its weight format (safetensors + JSON card) and the shipped default weights."""
+"""The U-Net, its weight format (safetensors + JSON card) and the shipped default weights.
+
+Public API::
+
+    UNet, UNetConfig, receptive_radius_px     # the network and its geometry
+    ModelCard                                 # the JSON card next to the weights
+    default_weights, load_model, LoadedModel  # ready-to-run model
+    save_model                                # weights + card, written together
+    best_precision                            # fastest safe (precision, channels_last) per device
+    read_weights, write_weights               # safetensors I/O with sha256, pickles refused
+"""
+
+from __future__ import annotations
+
+from slidejob.model.card import CARD_SCHEMA_PATH, ModelCard
+from slidejob.model.runtime import (
+    PRECISIONS,
+    LoadedModel,
+    best_precision,
+    build_module,
+    load_model,
+    save_model,
+)
+from slidejob.model.unet import UNet, UNetConfig, receptive_radius_px
+from slidejob.model.weights import (
+    PICKLE_SUFFIXES,
+    default_weights,
+    read_weights,
+    refuse_pickle,
+    resolve_model_paths,
+    write_weights,
+)
+
+__all__ = [
+    "CARD_SCHEMA_PATH",
+    "PICKLE_SUFFIXES",
+    "PRECISIONS",
+    "LoadedModel",
+    "ModelCard",
+    "UNet",
+    "UNetConfig",
+    "best_precision",
+    "build_module",
+    "default_weights",
+    "load_model",
+    "read_weights",
+    "receptive_radius_px",
+    "refuse_pickle",
+    "resolve_model_paths",
+    "save_model",
+    "write_weights",
+]

@@ -1,0 +1,314 @@
+"""Turn a card + weights into a ready-to-run model on a device, in a chosen precision and layout."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from slidejob.errors import ModelError
+from slidejob.model.card import ModelCard
+from slidejob.model.unet import UNet
+from slidejob.model.weights import read_weights, resolve_model_paths, write_weights
+
+__all__ = [
+    "PRECISIONS",
+    "LoadedModel",
+    "best_precision",
+    "build_module",
+    "load_model",
+    "normalization_affine",
+    "normalization_tensors",
+    "prepare_batch",
+    "save_model",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Precision names accepted by :func:`load_model`, and the autocast dtype of each.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def normalization_affine(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of shape (1, C, 1, 1) with ``(uint8 / 255 - mean) / std == uint8 * scale + shift``.
+
+    Folding ``/ 255``, ``- mean`` and ``/ std`` into one multiply-add saves two
+    passes over every tile.
+    """
+    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device)
+    std_t = torch.tensor(list(std), dtype=torch.float32, device=device)
+    scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
+    shift = (-mean_t / std_t).view(1, -1, 1, 1)
+    return scale, shift
+
+
+def prepare_batch(
+    batch_uint8_nhwc: npt.NDArray[np.uint8],
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    device: torch.device,
+    channels_last: bool,
+) -> torch.Tensor:
+    """uint8 (N, H, W, 3) tiles → normalized float32 (N, 3, H, W) on ``device`` in the requested layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.from_numpy(np.ascontiguousarray(batch_uint8_nhwc)).to(device)
+    # NHWC memory permuted to NCHW is already channels_last in memory;
+    # .contiguous() only copies when contiguous NCHW was asked for.
+    return (x.permute(0, 3, 1, 2).float() * scale + shift).contiguous(memory_format=layout)
+
+
+def normalization_tensors(card: ModelCard, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`normalization_affine` of the card's ``input_normalization``."""
+    return normalization_affine(card.input_normalization["mean"], card.input_normalization["std"], device)
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Private torch helpers (torch.cpu._is_*), hence the getattr: without
+    # AVX512-BF16 or AMX, bf16 on CPU is emulated and slower than fp32.
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in checks:
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:  # pragma: no cover - defensive: the helpers are private
+            continue
+    return False
+
+
+def best_precision(device: str | torch.device) -> tuple[str, bool]:
+    """The fastest precision and memory layout that is safe for this model on ``device``.
+
+    Rule (measured for the shipped widths; see ``docs/training.md``):
+
+    - CUDA: ``("bf16", True)`` where the GPU supports bf16 (Ampere and later), else
+      ``("fp16", True)``: tensor cores need a 16-bit dtype and NHWC; the network is
+      batch-normalized, so its activations stay far inside fp16's range.
+    - CPU with native bf16 (AVX512-BF16 or AMX): ``("bf16", True)``.
+    - Other CPUs: ``("fp32", True)``: channels_last alone helps oneDNN's convolutions,
+      while emulated bf16 costs more than it saves.
+
+    Parameters
+    ----------
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or a :class:`torch.device`.
+
+    Returns
+    -------
+    tuple
+        ``(precision, channels_last)`` to pass to :func:`load_model`.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), True
+    if device.type == "cpu":
+        return ("bf16" if _cpu_has_native_bf16() else "fp32"), True
+    return "fp32", False
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """An eval-mode U-Net with its card, ready to turn RGB tiles into probabilities.
+
+    Build it with :func:`load_model`.
+
+    Attributes
+    ----------
+    module
+        The network, in eval mode, on ``device``, in the requested memory layout.
+    card
+        The validated model card.
+    weights_sha256
+        sha256 of the weights file that was loaded (equal to the card's).
+    device, precision, channels_last
+        How :meth:`predict_proba` runs.
+    card_path, weights_path
+        Where the card and weights were read from.
+    """
+
+    module: UNet
+    card: ModelCard
+    weights_sha256: str
+    device: torch.device
+    precision: str
+    channels_last: bool
+    card_path: Path
+    weights_path: Path
+    _scale: torch.Tensor = field(init=False, repr=False)
+    _shift: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._scale, self._shift = normalization_tensors(self.card, self.device)
+
+    @property
+    def threshold(self) -> float:
+        """The card's decision threshold on probabilities."""
+        return float(self.card.threshold)
+
+    @property
+    def receptive_radius_px(self) -> int:
+        """Receptive radius of the network in input pixels."""
+        return self.card.receptive_radius_px
+
+    def _autocast(self) -> Any:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def predict_proba(self, batch_uint8_nhwc: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """Cancer probability per pixel.
+
+        Parameters
+        ----------
+        batch_uint8_nhwc
+            RGB tiles, shape (N, H, W, 3), dtype uint8, H and W multiples of 8.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 probabilities of shape (N, H, W).
+
+        Raises
+        ------
+        ValueError
+            Wrong dtype, rank, channel count, or sides not multiples of 8.
+        """
+        batch = np.asarray(batch_uint8_nhwc)
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(
+                f"expected uint8 RGB tiles of shape (N, H, W, 3), got dtype {batch.dtype} shape {batch.shape}"
+            )
+        with torch.inference_mode():
+            x = prepare_batch(batch, self._scale, self._shift, device=self.device, channels_last=self.channels_last)
+            with self._autocast():
+                logits = self.module(x)
+            probabilities = torch.sigmoid(logits.float())[:, 0]
+        return probabilities.cpu().numpy()
+
+
+def build_module(card: ModelCard, state_dict: dict[str, torch.Tensor], *, source: Path | None = None) -> UNet:
+    """A :class:`UNet` built from the card's config with ``state_dict`` loaded (float32, eval mode).
+
+    Raises
+    ------
+    ModelError
+        The tensors do not fit the architecture the card describes.
+    """
+    module = UNet.from_config(card.unet_config)
+    # Weights may be stored in fp16 to halve the file; compute starts from fp32.
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"weights file {source} does not fit the architecture in its card "
+            f"({card.architecture['config']}): {exc}"
+        ) from exc
+    return module.eval()
+
+
+def save_model(
+    module: torch.nn.Module, card: ModelCard, weights_path: Path, *, float_dtype: torch.dtype | None = None
+) -> ModelCard:
+    """Write ``module``'s weights to ``weights_path`` and its card next to it (same stem, ``.json``).
+
+    The card's ``weights_sha256`` and ``weights_dtype`` are filled in from
+    what was written; everything else is taken from ``card`` as given.
+
+    Parameters
+    ----------
+    module
+        The trained U-Net.
+    card
+        Card to store (its sha256/dtype fields are overwritten).
+    weights_path
+        Destination ``.safetensors`` file.
+    float_dtype
+        ``torch.float16`` halves the file; ``None`` keeps float32.
+
+    Returns
+    -------
+    ModelCard
+        The card as written.
+    """
+    weights_path = Path(weights_path)
+    sha256 = write_weights(module.state_dict(), weights_path, float_dtype=float_dtype)
+    dtype_name = str(float_dtype or torch.float32).removeprefix("torch.")
+    card = card.replace(weights_sha256=sha256, weights_dtype=dtype_name)
+    card.save(weights_path.with_suffix(".json"))
+    return card
+
+
+def load_model(
+    card_path: Path | None = None,
+    weights_path: Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> LoadedModel:
+    """Load weights + card into an eval-mode model on ``device``.
+
+    With no paths, loads the shipped default (:func:`~slidejob.model.default_weights`).
+    With one path, the other is the same name with ``.json`` / ``.safetensors``.
+
+    Parameters
+    ----------
+    card_path, weights_path
+        The model card and the safetensors file.
+    device
+        Torch device to run on.
+    precision
+        ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast (weights stay float32).
+        :func:`best_precision` picks one.
+    channels_last
+        Run convolutions in NHWC memory layout.
+
+    Returns
+    -------
+    LoadedModel
+
+    Raises
+    ------
+    UnsafeWeights
+        A pickle file was offered.
+    ModelError
+        Missing files, a card that breaks the schema, a sha256 mismatch, or
+        tensors that do not fit the card's architecture.
+    ValueError
+        Unknown precision, or a precision the device cannot run.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{device} does not support bf16; use precision='fp16' or best_precision(device)")
+    card_path, weights_path = resolve_model_paths(card_path, weights_path)
+    card = ModelCard.load(card_path)
+    state_dict, sha256 = read_weights(weights_path, expected_sha256=card.weights_sha256)
+    module = build_module(card, state_dict, source=weights_path).to(device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    logger.debug("loaded %s (%s) on %s, %s, channels_last=%s", weights_path, card.name, device, precision,
+                 channels_last)
+    return LoadedModel(
+        module=module,
+        card=card,
+        weights_sha256=sha256,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        card_path=card_path,
+        weights_path=weights_path,
+    )

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slidejob.model import best_precision, load_model
+from slidejob.model.runtime import _cpu_has_native_bf16
+
+
+def _tiles(n: int = 2, side_px: int = 48, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, side_px, side_px, 3), dtype=np.uint8)
+
+
+def test_predict_proba_normalizes_like_the_card_says(saved_model) -> None:
+    card_path, weights_path, unet = saved_model
+    loaded = load_model(card_path, weights_path)
+    tiles = _tiles()
+    card = loaded.card
+    mean = torch.tensor(card.input_normalization["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(card.input_normalization["std"]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        expected = torch.sigmoid(unet(x))[:, 0].numpy()
+    probabilities = loaded.predict_proba(tiles)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (2, 48, 48)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("precision", "channels_last", "atol"),
+                         [("fp32", True, 1e-5), ("bf16", False, 0.03), ("bf16", True, 0.03)])
+def test_precisions_and_layouts_agree_with_fp32(saved_model, precision, channels_last, atol) -> None:
+    card_path, _, _ = saved_model
+    tiles = _tiles()
+    reference = load_model(card_path).predict_proba(tiles)
+    fast = load_model(card_path, precision=precision, channels_last=channels_last).predict_proba(tiles)
+    assert fast.dtype == np.float32
+    np.testing.assert_allclose(fast, reference, atol=atol)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 48, 48, 3), np.float32), np.zeros((48, 48, 3), np.uint8),
+                                 np.zeros((1, 48, 48, 4), np.uint8)])
+def test_predict_proba_rejects_wrong_input(saved_model, bad) -> None:
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        load_model(saved_model[0]).predict_proba(bad)
+
+
+def test_predict_proba_rejects_sides_not_multiple_of_8(saved_model) -> None:
+    with pytest.raises(ValueError, match="multiples of 8"):
+        load_model(saved_model[0]).predict_proba(_tiles(side_px=50))
+
+
+def test_unknown_precision_is_refused(saved_model) -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_model(saved_model[0], precision="int8")
+
+
+def test_best_precision_on_cpu_follows_native_bf16() -> None:
+    precision, channels_last = best_precision("cpu")
+    assert channels_last is True
+    assert precision == ("bf16" if _cpu_has_native_bf16() else "fp32")
+
+
+@pytest.mark.gpu
+def test_best_precision_on_cuda_runs() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    precision, channels_last = best_precision("cuda")
+    loaded = load_model(device="cuda", precision=precision, channels_last=channels_last)
+    cpu = load_model()
+    tiles = _tiles(2, 64)
+    np.testing.assert_allclose(loaded.predict_proba(tiles), cpu.predict_proba(tiles), atol=0.03)

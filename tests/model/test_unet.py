@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slidejob.model import UNet, UNetConfig, receptive_radius_px
+
+
+@pytest.mark.parametrize("side_px", [8, 16, 24, 64, 120])
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+def test_output_shape_equals_input_shape(side_px: int, norm: str) -> None:
+    net = UNet(base_channels=4, norm=norm).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(2, 3, side_px, side_px))
+    assert out.shape == (2, 1, side_px, side_px)
+
+
+def test_rectangular_input_keeps_its_shape() -> None:
+    with torch.no_grad():
+        assert UNet(base_channels=4).eval()(torch.zeros(1, 3, 16, 40)).shape == (1, 1, 16, 40)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 30, 32), (1, 3, 32, 12), (1, 3, 7, 7), (1, 3, 225, 224)])
+def test_side_not_multiple_of_8_raises(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="multiples of 8"):
+        UNet(base_channels=4)(torch.zeros(shape))
+
+
+def test_three_down_and_three_up_samplings() -> None:
+    net = UNet(base_channels=4)
+    assert len(net.encoders) == 4 and len(net.upsamplers) == 3 and len(net.decoders) == 3
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) == 1  # one pool, used 3 times
+
+
+def test_width_32_has_the_expected_parameter_count() -> None:
+    # The inference side sizes its work from this figure (≈1.9 M at width 32, ≈0.48 M at 16).
+    assert sum(p.numel() for p in UNet(base_channels=32).parameters()) == 1_927_009
+    assert sum(p.numel() for p in UNet(base_channels=16).parameters()) == 482_737
+
+
+def test_receptive_radius_matches_gradient_support() -> None:
+    # The radius is computed by interval arithmetic; check it against the set of
+    # input pixels that actually influence an output pixel, at every phase mod 8.
+    torch.manual_seed(0)
+    net = UNet(base_channels=4, norm="none").double()
+    radius = receptive_radius_px(net)
+    side = -(-(2 * radius + 64) // 8) * 8
+    found = 0
+    for x in range(radius + 8, radius + 16):
+        image = torch.randn(1, 3, side, side, dtype=torch.double, requires_grad=True)
+        net(image)[0, 0, x, x].backward()
+        support = torch.nonzero(image.grad.abs().sum(dim=(0, 1, 2)) > 0).flatten()
+        found = max(found, x - int(support.min()), int(support.max()) - x)
+    assert found == radius == 51
+
+
+def test_receptive_radius_does_not_depend_on_width_or_input_form() -> None:
+    assert receptive_radius_px(UNetConfig(base_channels=32)) == receptive_radius_px({"base_channels": 4,
+                                                                                      "norm": "none",
+                                                                                      "in_channels": 3})
+    assert receptive_radius_px() == 51
+
+
+def test_tiles_with_a_halo_of_the_receptive_radius_reproduce_the_whole_image() -> None:
+    # What the inference halo relies on: eval-mode BatchNorm is per pixel, so a
+    # tile cut at an offset that is a multiple of 8 with a halo >= the radius
+    # (rounded up to 8) gives exactly the whole-image output in its centre.
+    torch.manual_seed(1)
+    net = UNet(base_channels=4).eval()
+    halo = -(-receptive_radius_px(net) // 8) * 8
+    image = torch.randn(1, 3, 64 + 2 * halo + 16, 64 + 2 * halo + 16)
+    with torch.no_grad():
+        whole = net(image)
+        tile = net(image[:, :, 8 : 8 + 64 + 2 * halo, 16 : 16 + 64 + 2 * halo])
+    centre = tile[:, :, halo : halo + 64, halo : halo + 64]
+    torch.testing.assert_close(centre, whole[:, :, 8 + halo : 8 + halo + 64, 16 + halo : 16 + halo + 64])
+
+
+@pytest.mark.parametrize("bad", [{"base_channels": 0}, {"norm": "layer"}, {"base_channels": 2.5}])
+def test_bad_config_raises(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        UNetConfig(**bad)
+
+
+def test_config_round_trips_and_rejects_unknown_keys() -> None:
+    config = UNetConfig(base_channels=8, norm="group")
+    assert UNetConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown U-Net config keys"):
+        UNetConfig.from_dict({"base_channels": 8, "norm": "batch", "in_channels": 3, "depth": 4})
