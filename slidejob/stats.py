@@ -1,0 +1,711 @@
+"""Per-slide cancer statistics from the level-0 mask, computed chunk by chunk.
+
+Lesions are the connected components of the level-0 mask with **8-connectivity**:
+pixels that touch at an edge or only at a corner belong to the same lesion
+(``scipy.ndimage.label`` with a 3×3 structure of ones), across chunk borders
+as well as within a chunk.
+
+The work follows dask-image's ``find_objects``: each present 512×512 chunk is
+reduced to a small :class:`ChunkPartial` (its components' areas, bounding
+boxes, centroid sums, convex hulls and the labels on its four edges) by
+:func:`partial_from_array`; :func:`merge_partials` joins components whose edge
+pixels touch a neighbouring chunk's (sideways, up/down and diagonally at chunk
+corners) and reduces them to one :class:`SlideStats`.  The mask is never
+loaded whole, and the result is exact: it equals labelling the whole level-0
+mask at once.
+
+Geometry is in level-0 pixel coordinates with pixel ``(row, col)`` covering
+the unit square ``[col, col + 1] × [row, row + 1]`` (the frame QuPath and the
+GeoJSON export use), so a pixel's centre is at ``(row + 0.5, col + 0.5)``:
+
+- bounding box ``(y0, x0, y1, x1)``, ends exclusive;
+- centroid: the mean of the lesion's pixel centres;
+- largest diameter: the largest distance between two points of the lesion
+  taken as a union of pixel squares (its maximum Feret diameter), so a single
+  pixel measures √2 px.  It is exact: the farthest pair of points lies on
+  pixel corners of the lesion's convex hull.
+
+Areas and lengths in mm are ``None`` when µm/px is unknown; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import numpy.typing as npt
+import zarr
+from dask.delayed import Delayed
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from slidejob.maskstore import TISSUE_FRACTION
+
+#: The 8-connectivity structure used for lesions everywhere in slidejob.
+CONNECTIVITY_8 = np.ones((3, 3), dtype=bool)
+
+#: Size categories from the largest lesion's largest diameter (lymph-node
+#: metastasis thresholds): isolated tumour cells below 0.2 mm, micrometastasis
+#: from 0.2 mm to 2 mm inclusive, macrometastasis above 2 mm.
+ITC_BELOW_MM = 0.2
+MACRO_ABOVE_MM = 2.0
+SIZE_CATEGORIES = ("none", "itc", "micrometastasis", "macrometastasis")
+
+LEVEL0 = "0"
+
+IntArray = npt.NDArray[np.int64]
+
+#: Components with at most this many row-extreme corners (8 rows) skip the
+#: hull: all their corner pairs are compared in one vectorised step.
+_SMALL_CORNERS = 32
+
+
+# --------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One lesion (8-connected component of the level-0 mask).
+
+    ``lesion_id`` numbers lesions 1, 2, … in raster order of their first pixel,
+    the order ``scipy.ndimage.label`` gives on the whole mask.
+    """
+
+    lesion_id: int
+    area_px: int
+    area_mm2: float | None
+    bbox_px: tuple[int, int, int, int]
+    centroid_yx_px: tuple[float, float]
+    diameter_px: float
+    diameter_mm: float | None
+    first_pixel_yx: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON/SQL-friendly record."""
+        y0, x0, y1, x1 = self.bbox_px
+        return {
+            "lesion_id": self.lesion_id,
+            "area_px": self.area_px,
+            "area_mm2": self.area_mm2,
+            "bbox_y0_px": y0,
+            "bbox_x0_px": x0,
+            "bbox_y1_px": y1,
+            "bbox_x1_px": x1,
+            "centroid_y_px": self.centroid_yx_px[0],
+            "centroid_x_px": self.centroid_yx_px[1],
+            "diameter_px": self.diameter_px,
+            "diameter_mm": self.diameter_mm,
+        }
+
+
+@dataclass(frozen=True)
+class SlideStats:
+    """Cancer statistics of one slide.
+
+    ``cancer_area_px`` is the total lesion area.  ``cancer_fraction`` is
+    cancer area over tissue area (users compare with tissue, not with the
+    whole image); tissue area comes from the thumbnail-based tissue fraction
+    of each chunk, so the fraction is an estimate and may exceed 1 only if the
+    model marks glass as cancer.  ``size_category`` is ``"none"`` without
+    lesions, else from the largest lesion diameter (see :func:`size_category`),
+    and ``None`` when µm/px is unknown.
+    """
+
+    height_px: int
+    width_px: int
+    mpp_um: float | None
+    tissue_area_px: int
+    tissue_area_mm2: float | None
+    cancer_area_px: int
+    cancer_area_mm2: float | None
+    cancer_fraction: float | None
+    lesion_count: int
+    largest_lesion_area_px: int
+    largest_lesion_area_mm2: float | None
+    largest_diameter_px: float
+    largest_diameter_mm: float | None
+    size_category: str | None
+    lesions: tuple[Lesion, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The per-slide figures as a flat record (without the lesion list)."""
+        return {
+            "height_px": self.height_px,
+            "width_px": self.width_px,
+            "mpp_um": self.mpp_um,
+            "tissue_area_px": self.tissue_area_px,
+            "tissue_area_mm2": self.tissue_area_mm2,
+            "cancer_area_px": self.cancer_area_px,
+            "cancer_area_mm2": self.cancer_area_mm2,
+            "cancer_fraction": self.cancer_fraction,
+            "lesion_count": self.lesion_count,
+            "largest_lesion_area_px": self.largest_lesion_area_px,
+            "largest_lesion_area_mm2": self.largest_lesion_area_mm2,
+            "largest_diameter_px": self.largest_diameter_px,
+            "largest_diameter_mm": self.largest_diameter_mm,
+            "size_category": self.size_category,
+        }
+
+
+@dataclass(frozen=True)
+class ChunkPartial:
+    """What one chunk contributes: its components (local labels 1..n) and its edges.
+
+    Coordinates are global level-0 pixels.  Per component ``i`` (local label
+    ``i + 1``): ``area_px``; ``bbox_px`` (y0, x0, y1, x1, ends exclusive);
+    ``sum_y_px``/``sum_x_px``, the sums of its pixels' row/column indices;
+    ``first_px``, the (row, col) of its first pixel in raster order;
+    ``diameter_sq_px``, its squared largest diameter within this chunk; and,
+    only for components touching the chunk's edge (the only ones a merge can
+    extend), points whose convex hull is that of its pixel squares,
+    ``hull_yx[hull_start[i]:hull_start[i + 1]]``.  ``top``, ``bottom``,
+    ``left`` and ``right`` are the local labels along the chunk's four edges
+    (0 = no lesion).
+    """
+
+    y0: int
+    x0: int
+    height_px: int
+    width_px: int
+    area_px: IntArray
+    bbox_px: IntArray
+    sum_y_px: IntArray
+    sum_x_px: IntArray
+    first_px: IntArray
+    diameter_sq_px: IntArray
+    hull_yx: IntArray
+    hull_start: IntArray
+    top: npt.NDArray[np.int32]
+    bottom: npt.NDArray[np.int32]
+    left: npt.NDArray[np.int32]
+    right: npt.NDArray[np.int32]
+
+    @property
+    def n_components(self) -> int:
+        return int(self.area_px.shape[0])
+
+    def hull(self, i: int) -> IntArray:
+        return self.hull_yx[self.hull_start[i] : self.hull_start[i + 1]]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Geometry helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def convex_hull(points_yx: IntArray) -> IntArray:
+    """Vertices of the convex hull of integer points (Andrew's monotone chain).
+
+    >>> convex_hull(np.array([[0, 0], [0, 1], [1, 0], [1, 1], [0, 0]])).tolist()
+    [[0, 0], [1, 0], [1, 1], [0, 1]]
+    """
+    pts = np.unique(np.asarray(points_yx, dtype=np.int64), axis=0)
+    if len(pts) <= 2:
+        return pts
+    p = pts.tolist()
+
+    def half(seq: Iterable[list[int]]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for q in seq:
+            while len(out) >= 2:
+                (ay, ax), (by, bx) = out[-2], out[-1]
+                if (by - ay) * (q[1] - ax) - (bx - ax) * (q[0] - ay) > 0:
+                    break
+                out.pop()
+            out.append(q)
+        return out
+
+    lower, upper = half(p), half(reversed(p))
+    return np.array(lower[:-1] + upper[:-1], dtype=np.int64)
+
+
+def max_distance_sq(points_yx: IntArray, block: int = 1024) -> int:
+    """Largest squared distance between two of the points (0 for fewer than two).
+
+    >>> max_distance_sq(np.array([[0, 0], [3, 4], [1, 1]]))
+    25
+    """
+    pts = np.asarray(points_yx, dtype=np.int64)
+    best = 0
+    for i in range(0, len(pts), block):
+        d = pts[i : i + block, None, :] - pts[None, :, :]
+        best = max(best, int((d * d).sum(axis=-1).max(initial=0)))
+    return best
+
+
+def size_category(largest_diameter_mm: float | None, lesion_count: int) -> str | None:
+    """Category of a slide from its largest lesion diameter.
+
+    ``"none"`` without lesions (whatever µm/px); ``None`` with lesions but
+    unknown µm/px; else ``"itc"`` (< 0.2 mm), ``"micrometastasis"``
+    (0.2 mm to 2 mm) or ``"macrometastasis"`` (> 2 mm).
+
+    >>> size_category(0.1, 1), size_category(0.2, 1), size_category(2.0, 1), size_category(2.01, 3)
+    ('itc', 'micrometastasis', 'micrometastasis', 'macrometastasis')
+    >>> size_category(None, 0), size_category(None, 2)
+    ('none', None)
+    """
+    if lesion_count == 0:
+        return "none"
+    if largest_diameter_mm is None:
+        return None
+    if largest_diameter_mm < ITC_BELOW_MM:
+        return "itc"
+    if largest_diameter_mm <= MACRO_ABOVE_MM:
+        return "micrometastasis"
+    return "macrometastasis"
+
+
+def _mm(px: float, mpp_um: float | None) -> float | None:
+    return None if mpp_um is None else px * mpp_um / 1000.0
+
+
+def _mm2(px: float, mpp_um: float | None) -> float | None:
+    return None if mpp_um is None else px * (mpp_um / 1000.0) ** 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pure core
+# --------------------------------------------------------------------------------------------------------
+
+
+def _empty_partial(y0: int, x0: int, shape: tuple[int, int], labels: npt.NDArray[np.int32]) -> ChunkPartial:
+    z1 = np.zeros(0, np.int64)
+    return ChunkPartial(
+        y0=y0,
+        x0=x0,
+        height_px=shape[0],
+        width_px=shape[1],
+        area_px=z1,
+        bbox_px=np.zeros((0, 4), np.int64),
+        sum_y_px=z1,
+        sum_x_px=z1,
+        first_px=np.zeros((0, 2), np.int64),
+        diameter_sq_px=z1,
+        hull_yx=np.zeros((0, 2), np.int64),
+        hull_start=np.zeros(1, np.int64),
+        top=labels[0, :].copy(),
+        bottom=labels[-1, :].copy(),
+        left=labels[:, 0].copy(),
+        right=labels[:, -1].copy(),
+    )
+
+
+def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> ChunkPartial:
+    """Reduce one chunk of the level-0 mask to its :class:`ChunkPartial`.
+
+    Parameters
+    ----------
+    mask_chunk
+        The chunk's pixels (any non-zero value is cancer), at most one Zarr
+        chunk; smaller at the slide's right and bottom edges.
+    y0, x0
+        The chunk's global offset in level-0 pixels.
+
+    Returns
+    -------
+    ChunkPartial
+        Components labelled with 8-connectivity, and everything
+        :func:`merge_partials` needs to join them across chunk borders.
+    """
+    mask = np.asarray(mask_chunk) != 0
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise ValueError(f"expected a non-empty 2-D mask chunk, got shape {mask.shape}")
+    labels, n = ndimage.label(mask, structure=CONNECTIVITY_8, output=np.int32)
+    if n == 0:
+        return _empty_partial(y0, x0, mask.shape, labels)
+    h, w = mask.shape
+    run_lab, run_row, run_c0, run_c1 = _runs(labels)
+    run_len = run_c1 - run_c0
+    area = np.bincount(run_lab, weights=run_len, minlength=n).astype(np.int64)
+    sum_y = np.bincount(run_lab, weights=run_row * run_len, minlength=n).astype(np.int64) + area * y0
+    # Σ of c0 .. c1-1 per run, an exact integer since one of len, c0 + c1 - 1 is even.
+    col_sum = (run_c0 + run_c1 - 1) * run_len // 2
+    sum_x = np.bincount(run_lab, weights=col_sum, minlength=n).astype(np.int64) + area * x0
+
+    # Leftmost and rightmost pixel of each component on each row: the corners
+    # of those pixels span the convex hull of the component's pixel squares.
+    key = run_lab * h + run_row
+    order = np.argsort(key, kind="stable")
+    key_s = key[order]
+    first = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
+    row_lab = run_lab[order][first]
+    row_y = run_row[order][first]
+    row_c0 = np.minimum.reduceat(run_c0[order], first)
+    row_c1 = np.maximum.reduceat(run_c1[order], first)
+
+    lab_start = np.flatnonzero(np.r_[True, row_lab[1:] != row_lab[:-1]])
+    lab_end = np.r_[lab_start[1:], len(row_lab)]
+    bbox = np.stack(
+        [
+            row_y[lab_start] + y0,
+            np.minimum.reduceat(row_c0, lab_start) + x0,
+            row_y[lab_end - 1] + 1 + y0,
+            np.maximum.reduceat(row_c1, lab_start) + x0,
+        ],
+        axis=1,
+    )
+    first_px = np.stack([row_y[lab_start] + y0, row_c0[lab_start] + x0], axis=1)
+
+    on_edge = np.zeros(n + 1, bool)
+    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+        on_edge[edge] = True
+    on_edge = on_edge[1:]
+
+    # Corners grouped by component, rows ascending (row_* are sorted by component then row).
+    corners = np.stack(
+        [
+            np.stack([row_y, row_c0], 1),
+            np.stack([row_y + 1, row_c0], 1),
+            np.stack([row_y, row_c1], 1),
+            np.stack([row_y + 1, row_c1], 1),
+        ],
+        axis=1,
+    ).reshape(-1, 2) + np.array([y0, x0], np.int64)
+    bounds = np.r_[lab_start, len(row_lab)] * 4
+    n_corners = np.diff(bounds)
+
+    diameter_sq = np.zeros(n, np.int64)
+    # Small components (most of a noisy mask) all at once: every pair of their corners.
+    # Bucketed by size (padding repeats the last corner) and blocked to bound memory.
+    lower = 0
+    for size in (4, 8, 16, _SMALL_CORNERS):
+        bucket = np.flatnonzero((n_corners > lower) & (n_corners <= size))
+        lower = size
+        for b in range(0, len(bucket), 4096):
+            sel = bucket[b : b + 4096]
+            pts = corners[bounds[sel, None] + np.minimum(np.arange(size), n_corners[sel, None] - 1)]
+            d = pts[:, :, None, :] - pts[:, None, :, :]
+            diameter_sq[sel] = (d * d).sum(axis=-1).max(axis=(1, 2))
+    hulls: list[IntArray] = []
+    hull_len = np.zeros(n, np.int64)
+    for i in np.flatnonzero(on_edge | (n_corners > _SMALL_CORNERS)):
+        pts = corners[bounds[i] : bounds[i + 1]]
+        if n_corners[i] > _SMALL_CORNERS:
+            pts = convex_hull(pts)
+            diameter_sq[i] = max_distance_sq(pts)
+        if on_edge[i]:
+            hulls.append(pts)
+            hull_len[i] = len(pts)
+    return ChunkPartial(
+        y0=y0,
+        x0=x0,
+        height_px=h,
+        width_px=w,
+        area_px=area,
+        bbox_px=bbox,
+        sum_y_px=sum_y,
+        sum_x_px=sum_x,
+        first_px=first_px,
+        diameter_sq_px=diameter_sq,
+        hull_yx=np.concatenate(hulls) if hulls else np.zeros((0, 2), np.int64),
+        hull_start=np.r_[0, np.cumsum(hull_len)].astype(np.int64),
+        top=labels[0, :].copy(),
+        bottom=labels[-1, :].copy(),
+        left=labels[:, 0].copy(),
+        right=labels[:, -1].copy(),
+    )
+
+
+def _runs(labels: npt.NDArray[np.int32]) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+    """Horizontal runs of equal non-zero labels: (label - 1, row, first col, end col exclusive)."""
+    h, w = labels.shape
+    padded = np.zeros((h, w + 2), np.int32)
+    padded[:, 1:-1] = labels
+    # A boundary at (r, c): pixel c of row r starts a new value (c == w: the row's end).
+    r, c = np.nonzero(padded[:, 1:] != padded[:, :-1])
+    value = padded[r, c + 1]
+    keep = np.flatnonzero(value > 0)
+    # A run of a non-zero value always ends at the next boundary of the same row.
+    return (
+        value[keep].astype(np.int64) - 1,
+        r[keep].astype(np.int64),
+        c[keep].astype(np.int64),
+        c[keep + 1].astype(np.int64),
+    )
+
+
+def _touching(a: npt.NDArray[np.int32], b: npt.NDArray[np.int32]) -> tuple[IntArray, IntArray]:
+    """Pairs of labels (a[i], b[j]) with |i - j| <= 1 and both non-zero: 8-neighbours across a border."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"neighbouring chunk edges differ in length ({a.shape[0]} and {b.shape[0]}): not one grid"
+        )
+    us, vs = [], []
+    n = a.shape[0]
+    for shift in (-1, 0, 1):
+        ai = a[max(0, -shift) : n - max(0, shift)]
+        bj = b[max(0, shift) : n - max(0, -shift)]
+        hit = (ai > 0) & (bj > 0)
+        us.append(ai[hit])
+        vs.append(bj[hit])
+    return np.concatenate(us).astype(np.int64), np.concatenate(vs).astype(np.int64)
+
+
+def merge_partials(
+    partials: Sequence[ChunkPartial],
+    *,
+    height_px: int,
+    width_px: int,
+    mpp_um: float | None,
+    tissue_area_px: float,
+) -> SlideStats:
+    """Join chunk partials across chunk borders into the slide's statistics.
+
+    Components of neighbouring chunks are one lesion when a pixel of one is an
+    8-neighbour of a pixel of the other: along a shared edge (offsets -1, 0,
+    +1) or, for diagonal chunks, the two pixels meeting at the chunk corner.
+    The joining is a union-find over those contacts (connected components of
+    the contact graph).  Absent chunks contribute nothing (they read as 0).
+
+    Parameters
+    ----------
+    partials
+        One :class:`ChunkPartial` per present chunk of one regular chunk grid.
+    height_px, width_px
+        Level-0 size of the slide.
+    mpp_um
+        µm per level-0 pixel, or ``None`` when unknown (mm figures are then ``None``).
+    tissue_area_px
+        Tissue area in level-0 pixels.
+
+    Returns
+    -------
+    SlideStats
+        Exact statistics of the level-0 mask, lesions numbered in raster order.
+    """
+    parts = sorted(partials, key=lambda p: (p.y0, p.x0))
+    counts = np.array([p.n_components for p in parts], np.int64)
+    offset = np.r_[0, np.cumsum(counts)].astype(np.int64)
+    n_nodes = int(offset[-1])
+    tissue_px = round(tissue_area_px)
+    if n_nodes == 0:
+        return SlideStats(
+            height_px=height_px,
+            width_px=width_px,
+            mpp_um=mpp_um,
+            tissue_area_px=tissue_px,
+            tissue_area_mm2=_mm2(tissue_px, mpp_um),
+            cancer_area_px=0,
+            cancer_area_mm2=_mm2(0, mpp_um),
+            cancer_fraction=0.0 if tissue_px > 0 else None,
+            lesion_count=0,
+            largest_lesion_area_px=0,
+            largest_lesion_area_mm2=_mm2(0, mpp_um),
+            largest_diameter_px=0.0,
+            largest_diameter_mm=_mm(0.0, mpp_um),
+            size_category=size_category(None, 0),
+            lesions=(),
+        )
+
+    by_top_left = {(p.y0, p.x0): i for i, p in enumerate(parts)}
+    by_top_right = {(p.y0, p.x0 + p.width_px): i for i, p in enumerate(parts)}
+    src: list[IntArray] = []
+    dst: list[IntArray] = []
+
+    def link(i: int, j: int, u: IntArray, v: IntArray) -> None:
+        # Local labels start at 1; node ids at the partial's offset.
+        src.append(u - 1 + offset[i])
+        dst.append(v - 1 + offset[j])
+
+    for i, p in enumerate(parts):
+        below = (p.y0 + p.height_px, p.x0)
+        if (j := by_top_left.get((p.y0, p.x0 + p.width_px))) is not None:
+            link(i, j, *_touching(p.right, parts[j].left))
+        if (j := by_top_left.get(below)) is not None:
+            link(i, j, *_touching(p.bottom, parts[j].top))
+        if (j := by_top_left.get((p.y0 + p.height_px, p.x0 + p.width_px))) is not None:
+            a, b = p.bottom[-1], parts[j].top[0]
+            if a and b:
+                link(i, j, np.array([a], np.int64), np.array([b], np.int64))
+        if (j := by_top_right.get(below)) is not None:
+            a, b = p.bottom[0], parts[j].top[-1]
+            if a and b:
+                link(i, j, np.array([a], np.int64), np.array([b], np.int64))
+
+    u = np.concatenate(src) if src else np.zeros(0, np.int64)
+    v = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(len(u), np.int8), (u, v)), shape=(n_nodes, n_nodes))
+    n_lesions, comp = connected_components(graph, directed=False)
+
+    area = np.concatenate([p.area_px for p in parts])
+    bbox = np.concatenate([p.bbox_px for p in parts])
+    sum_y = np.concatenate([p.sum_y_px for p in parts])
+    sum_x = np.concatenate([p.sum_x_px for p in parts])
+    first_px = np.concatenate([p.first_px for p in parts])
+    diameter_sq = np.concatenate([p.diameter_sq_px for p in parts])
+
+    order = np.argsort(comp, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(comp[order]) != 0])
+    l_area = np.add.reduceat(area[order], starts)
+    l_sum_y = np.add.reduceat(sum_y[order], starts)
+    l_sum_x = np.add.reduceat(sum_x[order], starts)
+    l_bbox = np.stack(
+        [
+            np.minimum.reduceat(bbox[order, 0], starts),
+            np.minimum.reduceat(bbox[order, 1], starts),
+            np.maximum.reduceat(bbox[order, 2], starts),
+            np.maximum.reduceat(bbox[order, 3], starts),
+        ],
+        axis=1,
+    )
+    raster_key = first_px[:, 0] * width_px + first_px[:, 1]
+    l_first = np.minimum.reduceat(raster_key[order], starts)
+    l_diameter_sq = np.maximum.reduceat(diameter_sq[order], starts)
+    n_parts = np.diff(np.r_[starts, len(order)])
+
+    # A lesion made of several chunk components: its hull is the hull of theirs.
+    node_part = np.repeat(np.arange(len(parts)), counts)
+    node_local = np.arange(n_nodes) - offset[node_part]
+    for k in np.flatnonzero(n_parts > 1):
+        nodes = order[starts[k] : starts[k] + n_parts[k]]
+        hull = convex_hull(np.concatenate([parts[node_part[m]].hull(int(node_local[m])) for m in nodes]))
+        l_diameter_sq[k] = max_distance_sq(hull)
+
+    lesions = []
+    for rank, k in enumerate(np.argsort(l_first, kind="stable"), start=1):
+        a = int(l_area[k])
+        d_px = math.sqrt(int(l_diameter_sq[k]))
+        lesions.append(
+            Lesion(
+                lesion_id=rank,
+                area_px=a,
+                area_mm2=_mm2(a, mpp_um),
+                bbox_px=tuple(int(c) for c in l_bbox[k]),  # type: ignore[arg-type]
+                centroid_yx_px=(int(l_sum_y[k]) / a + 0.5, int(l_sum_x[k]) / a + 0.5),
+                diameter_px=d_px,
+                diameter_mm=_mm(d_px, mpp_um),
+                first_pixel_yx=(int(l_first[k] // width_px), int(l_first[k] % width_px)),
+            )
+        )
+    cancer_px = int(l_area.sum())
+    largest_area = max(les.area_px for les in lesions)
+    largest_d_px = max(les.diameter_px for les in lesions)
+    largest_d_mm = _mm(largest_d_px, mpp_um)
+    return SlideStats(
+        height_px=height_px,
+        width_px=width_px,
+        mpp_um=mpp_um,
+        tissue_area_px=tissue_px,
+        tissue_area_mm2=_mm2(tissue_px, mpp_um),
+        cancer_area_px=cancer_px,
+        cancer_area_mm2=_mm2(cancer_px, mpp_um),
+        cancer_fraction=cancer_px / tissue_px if tissue_px > 0 else None,
+        lesion_count=int(n_lesions),
+        largest_lesion_area_px=largest_area,
+        largest_lesion_area_mm2=_mm2(largest_area, mpp_um),
+        largest_diameter_px=largest_d_px,
+        largest_diameter_mm=largest_d_mm,
+        size_category=size_category(largest_d_mm, int(n_lesions)),
+        lesions=tuple(lesions),
+    )
+
+
+def tissue_area_from_fraction(
+    tissue_fraction: npt.NDArray[np.floating[Any]], *, height_px: int, width_px: int, chunk_px: int
+) -> float:
+    """Tissue area in level-0 px: Σ fraction × chunk pixel area, clipped at the slide's edge.
+
+    >>> tissue_area_from_fraction(np.array([[1.0, 0.5]]), height_px=10, width_px=12, chunk_px=8)
+    90.0
+    """
+    gh, gw = tissue_fraction.shape
+    rows = np.minimum(chunk_px, height_px - chunk_px * np.arange(gh))
+    cols = np.minimum(chunk_px, width_px - chunk_px * np.arange(gw))
+    return float((np.asarray(tissue_fraction, np.float64) * np.outer(rows, cols)).sum())
+
+
+# --------------------------------------------------------------------------------------------------------
+# I/O edge and graph
+# --------------------------------------------------------------------------------------------------------
+
+
+def present_chunks(mask_path: Path, array: str = LEVEL0) -> list[tuple[int, int]]:
+    """(row, col) of the chunks present in a 2-D array of the mask store, in raster order.
+
+    The chunk keys are ``<array>/c/<row>/<col>`` (Zarr v3 default encoding).
+    """
+    chunk_dir = Path(mask_path) / array / "c"
+    if not chunk_dir.is_dir():
+        return []
+    return sorted((int(p.parent.name), int(p.name)) for p in chunk_dir.glob("*/*") if p.is_file())
+
+
+def mask_mpp_um(attrs: dict[str, Any]) -> float | None:
+    """µm/px of a mask store: the slide's ``mpp_um`` from the ``slidejob`` attributes.
+
+    Falls back to the NGFF level-0 scale when its axes are in micrometres;
+    ``None`` when neither says (never a guess).
+    """
+    slide = (attrs.get("slidejob") or {}).get("slide") or {}
+    if slide.get("mpp_um"):
+        return float(slide["mpp_um"])
+    try:
+        ms = attrs["ome"]["multiscales"][0]
+        if all(ax.get("unit") == "micrometer" for ax in ms["axes"]):
+            return float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
+    return None
+
+
+def chunk_partial(mask_path: str, cy: int, cx: int) -> ChunkPartial:
+    """Read level-0 chunk ``(cy, cx)`` of a mask store and reduce it (a Dask task)."""
+    arr = zarr.open_array(Path(mask_path) / LEVEL0, mode="r")
+    ch, cw = arr.chunks
+    y0, x0 = cy * ch, cx * cw
+    return partial_from_array(np.asarray(arr[y0 : y0 + ch, x0 : x0 + cw]), y0, x0)
+
+
+def statistics_graph(mask_path: Path) -> Delayed:
+    """Build (not compute) the statistics of a mask store as one Dask graph.
+
+    One :func:`chunk_partial` task per present level-0 chunk, then one
+    :func:`merge_partials`.  µm/px and the tissue area come from the store.
+    Compute it with ``dask.compute(graph)[0]`` on whichever scheduler is active.
+
+    Parameters
+    ----------
+    mask_path
+        ``<out>/<slide-id>/mask.ome.zarr``.
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        Computes to a :class:`SlideStats`.
+    """
+    mask_path = Path(mask_path)
+    try:
+        root = zarr.open_group(mask_path, mode="r")
+        level0 = zarr.open_array(mask_path / LEVEL0, mode="r")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{mask_path}: not a mask store (expected an OME-Zarr group with array '0')"
+        ) from exc
+    height_px, width_px = level0.shape
+    chunk_px = int(level0.chunks[0])
+    tissue = (
+        np.asarray(zarr.open_array(mask_path / TISSUE_FRACTION, mode="r")[...])
+        if (mask_path / TISSUE_FRACTION).is_dir()
+        else np.zeros((0, 0), np.float32)
+    )
+    tissue_px = tissue_area_from_fraction(tissue, height_px=height_px, width_px=width_px, chunk_px=chunk_px)
+    partials = [
+        dask.delayed(chunk_partial, pure=False)(str(mask_path), cy, cx)
+        for cy, cx in present_chunks(mask_path)
+    ]
+    return dask.delayed(merge_partials, pure=False)(
+        partials,
+        height_px=int(height_px),
+        width_px=int(width_px),
+        mpp_um=mask_mpp_um(dict(root.attrs)),
+        tissue_area_px=tissue_px,
+    )
