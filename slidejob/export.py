@@ -1,0 +1,674 @@
+"""What a person looks at: lesion GeoJSON for QuPath, overlay PNGs, ``stats.json`` and the batch report.
+
+Per slide, beside ``mask.ome.zarr`` in ``<out>/<slide-id>/``:
+
+- ``lesions.geojson``: a FeatureCollection with one feature per lesion
+  (8-connected component of the level-0 mask), in level-0 pixel coordinates
+  with (0, 0) the top-left corner of the top-left pixel, as QuPath expects
+  ("File > Import objects"); each is an annotation classified "Tumor" with
+  its measurements (area, diameter, centroid) from :mod:`slidejob.stats`.
+- ``overlay.png``: the slide's thumbnail with the tissue outline (green) and
+  the cancer mask (red, semi-transparent, outlined).
+- ``stats.json``: the slide's summary-database row and its lesions.
+
+and ``<out>/report.html`` for the whole batch (:func:`write_report`).
+
+Polygons follow the pixel edges of the mask, so they rasterize back to it
+exactly at the level they were traced at.  A lesion whose bounding box fits in
+``max_region_px`` level-0 pixels (default 4096², about 1 mm² at 0.25 µm/px) is
+traced at level 0; a larger one at the finest pyramid level where its box
+fits, its outline then following that level's 2×2-max-pooled pixels (it
+covers the lesion, up to 2^level px generously).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+from PIL import Image
+from scipy import ndimage
+
+from slidejob import __version__
+from slidejob.render import save_png
+from slidejob.stats import CONNECTIVITY_8, Lesion, SlideStats, mask_mpp_um, statistics_graph
+from slidejob.summarydb import SUMMARY_COLUMNS, db_path_for, format_value, query
+
+logger = logging.getLogger(__name__)
+
+GEOJSON_NAME = "lesions.geojson"
+OVERLAY_NAME = "overlay.png"
+STATS_NAME = "stats.json"
+REPORT_NAME = "report.html"
+
+#: Lesions whose bounding box holds more level-0 pixels than this are traced at a coarser level.
+MAX_REGION_PX = 4096 * 4096
+
+TUMOR_RGB = (200, 0, 0)
+TISSUE_OUTLINE_RGB = (0, 150, 0)
+CANCER_ALPHA = 0.45
+
+Ring = npt.NDArray[np.int64]  # (k, 2) vertices (x, y), not repeated at the end
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pixel-edge polygons (pure)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _boundary_loops(fg: npt.NDArray[np.bool_]) -> list[Ring]:
+    """Closed loops of unit pixel edges around ``fg``, each a simple ring (no repeated vertex).
+
+    Every edge has foreground on its left in (x, y) numbers, so outer
+    boundaries come out counter-clockwise (positive shoelace area) and holes
+    clockwise, the RFC 7946 orientation.  Where two foreground pixels touch
+    only at a corner, the walk turns to stay around the same pixel, and a
+    walk that comes back to a vertex is cut there into separate loops: rings
+    stay simple, as GeoJSON readers (JTS in QuPath) want.
+    """
+    w = fg.shape[1]
+    p = np.pad(fg, 1)
+    starts, ends = [], []
+    for missing, (sx, sy, ex, ey) in (
+        (~p[:-2, 1:-1], (0, 0, 1, 0)),  # top edge, +x
+        (~p[1:-1, 2:], (1, 0, 1, 1)),  # right edge, +y
+        (~p[2:, 1:-1], (1, 1, 0, 1)),  # bottom edge, -x
+        (~p[1:-1, :-2], (0, 1, 0, 0)),  # left edge, -y
+    ):
+        r, c = np.nonzero(fg & missing)
+        starts.append(np.stack([c + sx, r + sy], 1))
+        ends.append(np.stack([c + ex, r + ey], 1))
+    start = np.concatenate(starts).astype(np.int64)
+    end = np.concatenate(ends).astype(np.int64)
+    if not len(start):
+        return []
+    direction = end - start
+    vid_start = start[:, 1] * (w + 1) + start[:, 0]
+    vid_end = end[:, 1] * (w + 1) + end[:, 0]
+    order = np.argsort(vid_start, kind="stable")
+    sorted_ids = vid_start[order]
+    lo = np.searchsorted(sorted_ids, vid_end, "left")
+    hi = np.searchsorted(sorted_ids, vid_end, "right")
+    nxt = order[lo]
+    pinch = np.flatnonzero(hi - lo == 2)
+    if len(pinch):
+        # Two ways on: take the left turn (cross > 0), the one around the same pixel.
+        a, b = order[lo[pinch]], order[lo[pinch] + 1]
+        din = direction[pinch]
+        cross_a = din[:, 0] * direction[a, 1] - din[:, 1] * direction[a, 0]
+        nxt[pinch] = np.where(cross_a > 0, a, b)
+
+    loops: list[Ring] = []
+    seen = np.zeros(len(start), bool)
+    for e0 in range(len(start)):
+        if seen[e0]:
+            continue
+        cycle = []
+        e = e0
+        while not seen[e]:
+            seen[e] = True
+            cycle.append(e)
+            e = nxt[e]
+        loops.extend(_split_at_repeats(start[cycle], vid_start[cycle]))
+    return loops
+
+
+def _split_at_repeats(vertices: Ring, ids: npt.NDArray[np.int64]) -> list[Ring]:
+    """Cut a closed walk that passes a vertex more than once into simple loops."""
+    if len(np.unique(ids)) == len(ids):
+        return [vertices]
+    loops: list[Ring] = []
+    stack: list[int] = []
+    where: dict[int, int] = {}
+    for i, v in enumerate(ids.tolist()):
+        if v in where:
+            k = where[v]
+            loops.append(vertices[stack[k:]])
+            for j in stack[k + 1 :]:
+                del where[int(ids[j])]
+            del stack[k + 1 :]
+        else:
+            where[v] = len(stack)
+            stack.append(i)
+    if len(stack) > 1:
+        loops.append(vertices[stack])
+    return loops
+
+
+def _drop_collinear(ring: Ring) -> Ring:
+    """Keep only the corners of a rectilinear ring."""
+    before = ring - np.roll(ring, 1, axis=0)
+    after = np.roll(ring, -1, axis=0) - ring
+    return ring[np.any(before != after, axis=1)]
+
+
+def signed_area(ring: Ring) -> float:
+    """Shoelace area of a ring of (x, y) vertices; positive when counter-clockwise in (x, y) numbers.
+
+    >>> signed_area(np.array([[0, 0], [1, 0], [1, 1], [0, 1]]))
+    1.0
+    """
+    x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
+    return float((x * np.roll(y, -1) - np.roll(x, -1) * y).sum() / 2)
+
+
+def _inside(x: float, y: float, ring: Ring) -> bool:
+    """Even-odd point-in-polygon (the point is never on the ring here)."""
+    x0, y0 = ring[:, 0], ring[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    crosses = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xs = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return bool(np.count_nonzero(crosses & (xs > x)) % 2)
+
+
+def mask_polygons(fg: npt.NDArray[np.bool_]) -> list[tuple[Ring, list[Ring]]]:
+    """Polygons (shell, holes) whose union is exactly ``fg``, following pixel edges.
+
+    Coordinates are (x, y) pixel-corner positions in ``fg``'s frame.  Shells
+    are counter-clockwise and holes clockwise in (x, y) numbers; rings are
+    simple, a shell and its hole or two shells may touch at a corner.
+    """
+    shells: list[Ring] = []
+    shell_areas: list[float] = []
+    holes: list[Ring] = []
+    for loop in _boundary_loops(np.asarray(fg, bool)):
+        area = signed_area(loop)
+        if area > 0:
+            shells.append(loop)
+            shell_areas.append(area)
+        else:
+            holes.append(loop)
+    polygons: list[tuple[Ring, list[Ring]]] = [(s, []) for s in shells]
+    for hole in holes:
+        # The midpoint of one unit edge of the hole lies on no other ring; the
+        # innermost shell around it is the hole's.
+        x, y = (hole[0] + hole[1]) / 2.0
+        around = [i for i, s in enumerate(shells) if len(shells) == 1 or _inside(x, y, s)]
+        if not around:
+            raise AssertionError("a hole outside every shell: the boundary walk is broken")
+        polygons[min(around, key=lambda i: shell_areas[i])][1].append(hole)
+    return [(_drop_collinear(s), [_drop_collinear(h) for h in hs]) for s, hs in polygons]
+
+
+# --------------------------------------------------------------------------------------------------------
+# GeoJSON
+# --------------------------------------------------------------------------------------------------------
+
+
+class _LevelReader:
+    """Regions of one pyramid level, from an LRU cache of decoded chunks (many small lesions share chunks)."""
+
+    def __init__(self, array: zarr.Array, cache_chunks: int = 64) -> None:
+        self.array = array
+        self.chunk_px = int(array.chunks[0])
+        self.cache: OrderedDict[tuple[int, int], npt.NDArray[np.uint8]] = OrderedDict()
+        self.cache_chunks = cache_chunks
+
+    def _chunk(self, cy: int, cx: int) -> npt.NDArray[np.uint8]:
+        key = (cy, cx)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        c = self.chunk_px
+        block = np.asarray(self.array[cy * c : (cy + 1) * c, cx * c : (cx + 1) * c])
+        self.cache[key] = block
+        if len(self.cache) > self.cache_chunks:
+            self.cache.popitem(last=False)
+        return block
+
+    def region(self, y0: int, x0: int, y1: int, x1: int) -> npt.NDArray[np.uint8]:
+        """Pixels [y0, y1) × [x0, x1), zero outside the array."""
+        h, w = self.array.shape
+        out = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        c = self.chunk_px
+        for cy in range(max(y0, 0) // c, (min(y1, h) - 1) // c + 1):
+            for cx in range(max(x0, 0) // c, (min(x1, w) - 1) // c + 1):
+                block = self._chunk(cy, cx)
+                by0, bx0 = cy * c, cx * c
+                ty0, tx0 = max(y0, by0), max(x0, bx0)
+                ty1, tx1 = min(y1, by0 + block.shape[0]), min(x1, bx0 + block.shape[1])
+                if ty1 > ty0 and tx1 > tx0:
+                    out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = block[
+                        ty0 - by0 : ty1 - by0, tx0 - bx0 : tx1 - bx0
+                    ]
+        return out
+
+
+def _trace_level(bbox_px: tuple[int, int, int, int], max_region_px: int, n_levels: int) -> int:
+    y0, x0, y1, x1 = bbox_px
+    level = 0
+    while level + 1 < n_levels and (y1 - y0) * (x1 - x0) > max_region_px * 4**level:
+        level += 1
+    return level
+
+
+def lesion_geometry(
+    reader: _LevelReader, lesion: Lesion, *, level: int, height_px: int, width_px: int
+) -> dict[str, Any]:
+    """GeoJSON geometry (Polygon or MultiPolygon) of one lesion, traced at ``level``, in level-0 px."""
+    y0, x0, y1, x1 = lesion.bbox_px
+    f = 2**level
+    # One pixel of margin so the crop's border is background.
+    cy0, cx0 = (y0 >> level) - 1, (x0 >> level) - 1
+    cy1, cx1 = ((y1 - 1) >> level) + 2, ((x1 - 1) >> level) + 2
+    crop = reader.region(cy0, cx0, cy1, cx1) != 0
+    labels, _ = ndimage.label(crop, structure=CONNECTIVITY_8)
+    sy, sx = lesion.first_pixel_yx
+    own = labels == labels[(sy >> level) - cy0, (sx >> level) - cx0]
+    polygons = []
+    for shell, holes in mask_polygons(own):
+        rings = []
+        for ring in [shell, *holes]:
+            xy = (ring + np.array([cx0, cy0])) * f
+            # A coarse level's last row/column may reach past the slide (ceil-halving); cut it at the edge.
+            xy[:, 0] = np.minimum(xy[:, 0], width_px)
+            xy[:, 1] = np.minimum(xy[:, 1], height_px)
+            closed = np.vstack([xy, xy[:1]])
+            rings.append(closed.tolist())
+        polygons.append(rings)
+    if len(polygons) == 1:
+        return {"type": "Polygon", "coordinates": polygons[0]}
+    return {"type": "MultiPolygon", "coordinates": polygons}
+
+
+def _measurements(lesion: Lesion, mpp_um: float | None, level: int) -> dict[str, float]:
+    m: dict[str, float] = {
+        "Lesion ID": lesion.lesion_id,
+        "Area px": lesion.area_px,
+        "Max diameter px": lesion.diameter_px,
+        "Centroid X px": lesion.centroid_yx_px[1],
+        "Centroid Y px": lesion.centroid_yx_px[0],
+        "Traced at level": level,
+    }
+    if mpp_um is not None:
+        m["Area µm^2"] = lesion.area_px * mpp_um**2
+        m["Max diameter µm"] = lesion.diameter_px * mpp_um
+    return m
+
+
+def write_geojson(
+    mask_path: Path,
+    out_path: Path,
+    *,
+    stats: SlideStats | None = None,
+    max_region_px: int = MAX_REGION_PX,
+) -> int:
+    """Write the lesions of a mask store as a QuPath-importable GeoJSON FeatureCollection.
+
+    Parameters
+    ----------
+    mask_path
+        ``<out>/<slide-id>/mask.ome.zarr``.
+    out_path
+        The ``.geojson`` file to write (atomically).
+    stats
+        The slide's statistics from :func:`slidejob.stats.statistics_graph`;
+        computed here (on the active Dask scheduler) when not given.
+    max_region_px
+        Lesions with a larger bounding box (level-0 px) are traced at the
+        finest pyramid level where it fits (see the module docs).
+
+    Returns
+    -------
+    int
+        The number of features (lesions) written.
+    """
+    mask_path = Path(mask_path)
+    if stats is None:
+        import dask
+
+        stats = dask.compute(statistics_graph(mask_path))[0]
+    root = zarr.open_group(mask_path, mode="r")
+    levels = sorted((k for k in root.array_keys() if k.isdigit()), key=int)
+    readers: dict[int, _LevelReader] = {}
+    mpp_um = mask_mpp_um(dict(root.attrs))
+    features = []
+    for lesion in stats.lesions:
+        level = _trace_level(lesion.bbox_px, max_region_px, len(levels))
+        reader = readers.setdefault(level, _LevelReader(zarr.open_array(mask_path / levels[level], mode="r")))
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"lesion-{lesion.lesion_id}",
+                "geometry": lesion_geometry(
+                    reader, lesion, level=level, height_px=stats.height_px, width_px=stats.width_px
+                ),
+                "properties": {
+                    "objectType": "annotation",
+                    "name": f"Lesion {lesion.lesion_id}",
+                    "classification": {"name": "Tumor", "color": list(TUMOR_RGB)},
+                    "isLocked": False,
+                    "measurements": _measurements(lesion, mpp_um, level),
+                },
+            }
+        )
+    collection = {
+        "type": "FeatureCollection",
+        "features": features,
+        # A foreign member (RFC 7946 §6.1): readers that do not know it ignore it.
+        "slidejob": {
+            "version": __version__,
+            "mask": str(mask_path),
+            "coordinates": "level-0 pixels, origin at the top-left corner of the top-left pixel",
+            "connectivity": 8,
+            "width_px": stats.width_px,
+            "height_px": stats.height_px,
+            "mpp_um": mpp_um,
+        },
+    }
+    _write_text_atomic(Path(out_path), json.dumps(collection, separators=(",", ":")))
+    return len(features)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Overlay PNG
+# --------------------------------------------------------------------------------------------------------
+
+
+def _max_resample(
+    level_img: npt.NDArray[np.uint8], factor_yx: tuple[float, float], shape: tuple[int, int]
+) -> npt.NDArray[np.uint8]:
+    """Resample to ``shape`` taking the max over each output pixel's footprint (factor >= 1).
+
+    Every input pixel lands in exactly one output pixel, so no lesion vanishes.
+    """
+    out = level_img
+    for axis, (factor, n_out) in enumerate(zip(factor_yx, shape)):
+        n_in = out.shape[axis]
+        starts = np.floor(np.arange(n_out) * factor).astype(np.int64)
+        valid = starts < n_in
+        reduced = np.zeros(out.shape[:axis] + (n_out,) + out.shape[axis + 1 :], np.uint8)
+        if valid.any() and n_in:
+            part = np.maximum.reduceat(out, starts[valid], axis=axis)
+            index: list[Any] = [slice(None)] * out.ndim
+            index[axis] = np.flatnonzero(valid)
+            reduced[tuple(index)] = part
+        out = reduced
+    return out
+
+
+def _outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+
+
+def cancer_at_thumbnail(
+    mask_path: Path, downsample_yx: tuple[float, float], shape: tuple[int, int]
+) -> npt.NDArray[np.bool_]:
+    """The cancer mask on a thumbnail's grid, from the coarsest pyramid level at least as fine.
+
+    Max over each thumbnail pixel's footprint: a one-pixel lesion still shows.
+    """
+    root = zarr.open_group(Path(mask_path), mode="r")
+    levels = sorted((k for k in root.array_keys() if k.isdigit()), key=int)
+    level = 0
+    while level + 1 < len(levels) and 2 ** (level + 1) <= min(downsample_yx) * (1 + 1e-9):
+        level += 1
+    img = np.asarray(zarr.open_array(Path(mask_path) / levels[level], mode="r")[...])
+    f = 2**level
+    return _max_resample(img, (downsample_yx[0] / f, downsample_yx[1] / f), shape) > 0
+
+
+def write_overlay_png(
+    thumbnail_rgb: npt.NDArray[np.uint8],
+    thumbnail_downsample_yx: tuple[float, float],
+    tissue_mask_bool: npt.NDArray[np.bool_],
+    mask_path: Path,
+    out_png: Path,
+    *,
+    min_side_px: int = 512,
+) -> Path:
+    """Write the thumbnail with the tissue outline and the cancer mask overlaid.
+
+    Parameters
+    ----------
+    thumbnail_rgb
+        (h, w, 3) uint8 thumbnail of the slide.
+    thumbnail_downsample_yx
+        Level-0 pixels per thumbnail pixel, (y, x).
+    tissue_mask_bool
+        The detected tissue; may be coarser than the thumbnail (scaled by nearest neighbour).
+    mask_path
+        The mask store; read at the coarsest pyramid level at least as fine as the thumbnail.
+    out_png
+        The PNG to write (atomically).
+    min_side_px
+        Small thumbnails are enlarged (nearest neighbour) to at least this short side.
+    """
+    thumb = np.asarray(thumbnail_rgb, np.uint8)[..., :3]
+    shape = thumb.shape[:2]
+    tissue = np.asarray(tissue_mask_bool, bool)
+    if tissue.shape != shape:
+        tissue = (
+            np.asarray(
+                Image.fromarray(tissue.astype(np.uint8) * 255).resize(
+                    (shape[1], shape[0]), Image.Resampling.NEAREST
+                )
+            )
+            > 127
+        )
+    cancer = cancer_at_thumbnail(mask_path, thumbnail_downsample_yx, shape)
+    scale = max(1, math.ceil(min_side_px / max(1, min(shape))))
+    if scale > 1:
+        thumb = thumb.repeat(scale, 0).repeat(scale, 1)
+        tissue = tissue.repeat(scale, 0).repeat(scale, 1)
+        cancer = cancer.repeat(scale, 0).repeat(scale, 1)
+    img = thumb.astype(np.float32)
+    img[cancer] = (1 - CANCER_ALPHA) * img[cancer] + CANCER_ALPHA * np.array(TUMOR_RGB, np.float32)
+    img[_outline(tissue)] = TISSUE_OUTLINE_RGB
+    img[_outline(cancer)] = TUMOR_RGB
+    out_png = Path(out_png)
+    save_png(Image.fromarray(img.clip(0, 255).astype(np.uint8)), out_png)
+    return out_png
+
+
+# --------------------------------------------------------------------------------------------------------
+# stats.json
+# --------------------------------------------------------------------------------------------------------
+
+
+def write_stats_json(
+    out_path: Path, record: Mapping[str, Any], lesions: Iterable[Lesion | Mapping[str, Any]]
+) -> Path:
+    """Write a slide's ``stats.json``: its summary row (as recorded in the database) and its lesions.
+
+    ``record`` is the dict from :func:`slidejob.summarydb.slide_record`.
+    """
+    doc: dict[str, Any] = {
+        "slide": dict(record),
+        "lesions": [les.to_dict() if isinstance(les, Lesion) else dict(les) for les in lesions],
+        "connectivity": 8,
+    }
+    if isinstance(doc["slide"].get("parameters"), str):
+        doc["slide"]["parameters"] = json.loads(doc["slide"]["parameters"])
+    out_path = Path(out_path)
+    _write_text_atomic(out_path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------------------
+# report.html
+# --------------------------------------------------------------------------------------------------------
+
+_REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (summary column, header, type)
+    ("slide", "Slide", "text"),
+    ("status", "Status", "text"),
+    ("tissue_mm2", "Tissue mm²", "number"),
+    ("cancer_mm2", "Cancer mm²", "number"),
+    ("fraction", "Cancer % of tissue", "number"),
+    ("lesions", "Lesions", "number"),
+    ("largest_mm", "Largest lesion mm", "number"),
+    ("category", "Category", "text"),
+)
+
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.5em;margin:0 0 .2em}h2{font-size:1.2em;margin-top:1.5em}
+.meta{color:#666}
+table{border-collapse:collapse}
+th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+#slides th[data-type]{cursor:pointer;user-select:none;background:#f3f3f3}
+#slides th[aria-sort=ascending]::after{content:" ▲"}#slides th[aria-sort=descending]::after{content:" ▼"}
+tr.failed td{color:#a00}img.thumb{max-height:120px;max-width:200px;display:block}
+"""
+
+# Sorts by each cell's data-sort value; empty (NULL) cells always last.
+_SCRIPT = """
+document.querySelectorAll('#slides th[data-type]').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var tbody = th.closest('table').tBodies[0];
+    var asc = th.getAttribute('aria-sort') !== 'ascending';
+    th.parentNode.querySelectorAll('th').forEach(function (o) { o.removeAttribute('aria-sort'); });
+    th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+    var num = th.dataset.type === 'number';
+    var rows = Array.prototype.slice.call(tbody.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.sort, y = b.cells[col].dataset.sort;
+      if (x === '' || y === '') { return (x === '') - (y === ''); }
+      var c = num ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { tbody.appendChild(r); });
+  });
+});
+"""
+
+
+def _thumbnail_data_uri(png: Path, max_side_px: int = 240) -> str | None:
+    try:
+        with Image.open(png) as im:
+            small = im.convert("RGB")
+        small.thumbnail((max_side_px, max_side_px), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=85)
+    except (OSError, ValueError) as exc:
+        logger.warning("%s: cannot read overlay for the report: %s", png, exc)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _shown(column: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if column == "fraction":
+        return f"{100 * value:.3g}"
+    return format_value(value)
+
+
+def _rows_html(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[str]:
+    esc = html.escape
+    lines = []
+    for r in rows:
+        cells = []
+        for col, _, kind in _REPORT_COLUMNS:
+            v = r.get(col)
+            sort = "" if v is None else (repr(float(v)) if kind == "number" else str(v))
+            cls = ' class="num"' if kind == "number" else ""
+            cells.append(f'<td{cls} data-sort="{esc(sort)}">{esc(_shown(col, v))}</td>')
+        sid = str(r["slide"])
+        overlay = out_dir / sid / OVERLAY_NAME
+        uri = _thumbnail_data_uri(overlay) if overlay.is_file() else None
+        if uri:
+            href = esc(f"{sid}/{OVERLAY_NAME}", quote=True)
+            cells.append(
+                f'<td><a href="{href}"><img class="thumb" src="{uri}" alt="{esc(sid)} overlay"></a></td>'
+            )
+        else:
+            cells.append("<td>–</td>")
+        cls = ' class="failed"' if r.get("status") == "failed" else ""
+        lines.append(f'<tr{cls} data-slide="{esc(sid)}">{"".join(cells)}</tr>')
+    return lines
+
+
+def write_report(out_dir: Path) -> Path:
+    """Write ``<out_dir>/report.html`` from the output directory's summary database.
+
+    One self-contained page that needs no network: the summary table (click a
+    header to sort), each slide's overlay thumbnail inlined as a data URI
+    (linking to the full PNG beside it), and the failed slides with their
+    reasons.  A Content-Security-Policy forbids the page any request.
+
+    Returns
+    -------
+    Path
+        The report's path.
+    """
+    out_dir = Path(out_dir)
+    db = db_path_for(out_dir)
+    fields = ", ".join(f"{expr} AS {name}" for name, expr in SUMMARY_COLUMNS)
+    rows = query(db, f"SELECT {fields}, finished_at FROM slides ORDER BY slide_id").records()
+    failed = [r for r in rows if r["status"] == "failed"]
+    with_cancer = sum(1 for r in rows if r["lesions"])
+    esc = html.escape
+    head = (
+        "".join(f'<th data-type="{kind}" scope="col">{esc(title)}</th>' for _, title, kind in _REPORT_COLUMNS)
+        + '<th scope="col">Overlay</th>'
+    )
+    if failed:
+        failed_html = (
+            '<table id="failed"><thead><tr><th scope="col">Slide</th><th scope="col">Reason</th>'
+            '<th scope="col">Finished</th></tr></thead><tbody>'
+            + "".join(
+                f"<tr><td>{esc(str(r['slide']))}</td><td>{esc(r['error'] or 'unknown')}</td>"
+                f"<td>{esc(r['finished_at'] or '')}</td></tr>"
+                for r in failed
+            )
+            + "</tbody></table>"
+        )
+    else:
+        failed_html = '<p id="failed">None.</p>'
+    generated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    page = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+      content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>slidejob report: {esc(out_dir.resolve().name)}</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<h1>slidejob report</h1>
+<p class="meta">{len(rows)} slides: {len(rows) - len(failed)} ok, {len(failed)} failed,
+{with_cancer} with lesions.
+Lesions are 8-connected regions of the cancer mask; category from the largest lesion diameter
+(ITC &lt; 0.2 mm, micrometastasis 0.2–2 mm, macrometastasis &gt; 2 mm).
+Generated {esc(generated)} by slidejob {esc(__version__)} from {esc(str(db.name))}.</p>
+<h2>Slides</h2>
+<table id="slides"><thead><tr>{head}</tr></thead>
+<tbody>
+{chr(10).join(_rows_html(rows, out_dir))}
+</tbody></table>
+<h2>Failed slides</h2>
+{failed_html}
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+    path = out_dir / REPORT_NAME
+    _write_text_atomic(path, page)
+    return path
