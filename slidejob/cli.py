@@ -201,3 +201,9 @@ from slidejob.cli_training import evaluate, train  # noqa: E402
 
 cli.add_command(train)
 cli.add_command(evaluate)
+
+from slidejob.cli_summary import query, report, summary  # noqa: E402
+
+cli.add_command(summary)
+cli.add_command(query)
+cli.add_command(report)
