@@ -197,6 +197,95 @@ def tile(
     )
 
 
+@cli.command(
+    epilog="""\b
+Examples:
+  slidejob run scans/ --out results/                  # every slide under scans/, embedded LocalCluster
+  slidejob run a.svs b.ndpi --out results/ --save-probabilities
+  slidejob run scans/ --out results/ --scheduler tcp://head:8786   # an existing Dask cluster
+  slidejob run scans/ --out results/ --weights my-model.json --threshold 0.4
+\b
+Per slide, results/<slide-id>/ holds mask.ome.zarr (OME-Zarr label image) and
+manifest.json. Slides done before with the same inputs are skipped (--force redoes them).
+Exit status: 0 when every slide succeeded, 1 when any failed (the others still ran).
+"""
+)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Output directory (one folder per slide).")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Model card (.json) or weights (.safetensors); default: the shipped model.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Probability threshold for cancer (default: the model card's).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto = the fastest safe one for each worker's hardware.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--halo-px", type=click.IntRange(0, 512), default=None,
+              help="Context around each inferred block, a multiple of 8 (default: the model's receptive radius).")
+@click.option("--infer-block-chunks", "block_chunks", type=click.IntRange(1, 16), default=None,
+              help="Chunks per side of one inference block (default 4).")
+@click.option("--infer-batch-size", "batch_size", type=click.IntRange(1, 256), default=None,
+              help="Inputs per forward (default 1 on CPU, 8 on GPU).")
+@click.option("--save-probabilities", is_flag=True, help="Also write probability.ome.zarr (uint8).")
+@click.option("--keep-tiles", is_flag=True, help="Keep each slide's tiles.zarr.")
+@click.option("--force", is_flag=True, help="Redo slides already done with the same inputs.")
+@MPP_OPTION
+@MIN_TISSUE_OPTION
+@ALL_TISSUE_OPTION
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (tcp://host:8786).")
+@click.option("--scheduler-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Scheduler file of an existing Dask cluster.")
+@click.option("--cluster-workers", "n_workers", type=click.IntRange(1, 256), default=None,
+              help="Embedded LocalCluster: worker processes (default: one per GPU, else one per 8 cores).")
+@click.option("--cluster-threads", "threads_per_worker", type=click.IntRange(1, 256), default=None,
+              help="Embedded LocalCluster: threads per worker.")
+@one_line_errors
+def run(
+    inputs: tuple[Path, ...],
+    out_dir: Path,
+    weights: Path | None,
+    threshold: float | None,
+    precision: str,
+    device: str,
+    halo_px: int | None,
+    block_chunks: int | None,
+    batch_size: int | None,
+    save_probabilities: bool,
+    keep_tiles: bool,
+    force: bool,
+    mpp_um: float | None,
+    min_tissue_fraction: float | None,
+    all_tissue: bool,
+    scheduler: str | None,
+    scheduler_file: Path | None,
+    n_workers: int | None,
+    threads_per_worker: int | None,
+) -> None:
+    """Find cancer in slides: tile, infer on Dask workers, write stitched masks."""
+    from slidejob.pipeline import dask_client, run_batch
+
+    if scheduler and scheduler_file:
+        raise click.UsageError("give --scheduler or --scheduler-file, not both")
+    if (scheduler or scheduler_file) and (n_workers or threads_per_worker):
+        raise click.UsageError("--cluster-workers/--cluster-threads shape the embedded cluster; not with --scheduler")
+    if halo_px is not None and halo_px % 8:
+        raise click.UsageError(f"--halo-px must be a multiple of 8, got {halo_px}")
+    with dask_client(scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers,
+                     threads_per_worker=threads_per_worker) as client:
+        click.echo(f"dashboard: {client.dashboard_link}", err=True)
+        result = run_batch(
+            list(inputs), out_dir, weights=weights, threshold=threshold, precision=precision, device=device,
+            halo_px=halo_px, block_chunks=block_chunks, batch_size=batch_size,
+            save_probabilities=save_probabilities, mpp_um=mpp_um, min_tissue_fraction=min_tissue_fraction,
+            all_tissue=all_tissue, keep_tiles=keep_tiles, force=force,
+        )
+    for o in result.outcomes:
+        click.echo(f"{o.status:8s} {o.slide_id}  {o.source}" + (f"  ({o.error})" if o.error else ""))
+    n_ok = sum(o.status != "failed" for o in result.outcomes)
+    click.echo(f"{n_ok} of {len(result.outcomes)} slide(s) done; results in {out_dir}")
+    if result.failed:
+        sys.exit(1)
+
 from slidejob.cli_training import evaluate, train  # noqa: E402
 
 cli.add_command(train)

@@ -24,7 +24,19 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
-from slidejob import __version__, chunkstore, config, tissue
+from slidejob import (
+    __version__,
+    chunkstore,
+    config,
+    export,
+    geometry,
+    infer,
+    maskstore,
+    stats,
+    summarydb,
+    tissue,
+    wsi,
+)
 from slidejob.chunkstore import CHUNK_PX
 from slidejob.errors import OutputExists
 from slidejob.wsi import SlideInfo, cached_reader, open_slide
@@ -386,8 +398,6 @@ def inference_tasks(
     gpu: bool,
 ) -> list[Any]:
     """Delayed inference tasks: each covers ``blocks_per_task`` blocks, inferring only their tissue rectangles."""
-    from slidejob import geometry, infer
-
     groups: list[list[geometry.Rect]] = []
     current: list[geometry.Rect] = []
     n_blocks = 0
@@ -416,8 +426,6 @@ def inference_tasks(
 
 
 def _pyramid_block(path: str, level: int, r0: int, c0: int, n: int, reducer: str) -> int:
-    from slidejob import maskstore
-
     src = zarr.open_array(Path(path) / str(level - 1), mode="r")
     dst = chunkstore.ChunkWriter(Path(path) / str(level))
     reduce = maskstore.downsample_max if reducer == "max" else maskstore.downsample_mean
@@ -436,8 +444,6 @@ def _pyramid_block(path: str, level: int, r0: int, c0: int, n: int, reducer: str
 
 def build_pyramid(path: Path, grid: npt.NDArray[np.bool_], *, reducer: str, block_chunks: int = 4) -> None:
     """Fill levels 1.. of a mask/probability store from level 0, level by level, only where there is tissue."""
-    from slidejob import maskstore
-
     root = zarr.open_group(path, mode="r")
     n_levels = len(root.attrs["ome"]["multiscales"][0]["datasets"])
     for level in range(1, n_levels):
@@ -618,7 +624,6 @@ def run_batch(
     force
         Redo slides already done.
     """
-    from slidejob import geometry, infer, wsi
     from slidejob.model import ModelCard, resolve_model_paths
 
     out_dir = Path(out_dir)
@@ -671,6 +676,7 @@ def run_batch(
         logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
                     f" — {outcome.error}" if outcome.error else "", outcome.seconds)
         outcomes.append(outcome)
+    export.write_report(out_dir)
     return BatchResult(out_dir=out_dir, outcomes=outcomes)
 
 
@@ -687,12 +693,11 @@ def _run_one(
     keep_tiles: bool,
     force: bool,
 ) -> SlideOutcome:
-    from slidejob import maskstore, wsi
-
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc)
     timings: dict[str, float] = {}
     info: SlideInfo | None = None
+    slide_stats: stats.SlideStats | None = None
     try:
         fingerprint = wsi.fingerprint_file(path) if path.is_file() else None
     except OSError:
@@ -783,6 +788,21 @@ def _run_one(
         manifest["outputs"] = {"mask": maskstore.MASK_NAME, "inferred_chunks": int(n_written)}
         if params.save_probabilities:
             manifest["outputs"]["probability"] = maskstore.PROBABILITY_NAME
+        t = time.perf_counter()
+        mask_path = slide_dir / maskstore.MASK_NAME
+        slide_stats = dask.compute(stats.statistics_graph(mask_path))[0]
+        export.write_overlay_png(tr.thumbnail, tr.thumbnail_downsample_yx, tr.tissue_mask, mask_path,
+                                 slide_dir / export.OVERLAY_NAME)
+        export.write_geojson(mask_path, slide_dir / export.GEOJSON_NAME, stats=slide_stats)
+        timings["statistics"] = time.perf_counter() - t
+        manifest["outputs"].update(
+            {"stats": export.STATS_NAME, "overlay": export.OVERLAY_NAME, "geojson": export.GEOJSON_NAME}
+        )
+        manifest["statistics"] = {
+            k: getattr(slide_stats, k)
+            for k in ("tissue_area_mm2", "cancer_area_mm2", "cancer_fraction", "lesion_count",
+                      "largest_diameter_mm", "size_category")
+        }
         if not keep_tiles:
             import shutil
 
@@ -803,5 +823,16 @@ def _run_one(
     manifest["finished"] = finished.isoformat(timespec="seconds")
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     slide_dir.mkdir(parents=True, exist_ok=True)
+    slide_dict = info.to_dict() if info else {"path": str(path.resolve()), "fingerprint": fingerprint}
+    record = summarydb.slide_record(
+        slide_id=slide_id, status=manifest["status"], stats=slide_stats, error=manifest["error"], slide=slide_dict,
+        weights_sha256=model_info["weights_sha256"], threshold=params.threshold, parameters=params.to_dict(),
+        started_at=started, finished_at=finished,
+    )
+    if slide_stats is not None:
+        export.write_stats_json(slide_dir / export.STATS_NAME, record, slide_stats.lesions)
+    # The database is written by this (the client) process only; the manifest goes last, so a
+    # manifest saying "ok" means every other output of the slide is in place.
+    summarydb.record_slide(summarydb.db_path_for(out_dir), record, slide_stats.lesions if slide_stats else [])
     _write_json_atomic(slide_dir / MANIFEST_NAME, manifest)
     return SlideOutcome(str(path), slide_id, manifest["status"], manifest["error"], slide_dir, seconds, manifest)

@@ -113,7 +113,20 @@ def test_manifest_and_ome_zarr_open_without_slidejob(tiny_model: Path, all_tissu
     assert len(manifest["model"]["weights_sha256"]) == 64
     assert {"threshold", "precision", "halo_px", "block_chunks"} <= set(manifest["parameters"])
     assert {"slidejob", "torch", "dask", "zarr", "tifffile"} <= set(manifest["versions"])
-    assert {"tissue", "tile", "infer", "pyramid", "total"} <= set(manifest["timings_s"])
+    assert {"tissue", "tile", "infer", "pyramid", "statistics", "total"} <= set(manifest["timings_s"])
+    # Statistics, pictures and the summary database are written beside the mask.
+    for name in ("stats.json", "overlay.png", "lesions.geojson"):
+        assert (outcome.out_dir / name).stat().st_size > 0, name
+    stats = json.loads((outcome.out_dir / "stats.json").read_text())
+    from scipy import ndimage
+
+    n_lesions = ndimage.label(_mask(outcome), structure=np.ones((3, 3)))[1]
+    assert stats["slide"]["lesion_count"] == manifest["statistics"]["lesion_count"] == n_lesions >= 3
+    assert (tmp_path / "out" / "report.html").exists()
+    from slidejob import summarydb
+
+    rows = summarydb.query(summarydb.db_path_for(tmp_path / "out"), "SELECT slide_id, status FROM slides")
+    assert [tuple(r) for r in rows.rows] == [(outcome.slide_id, "ok")]
     # A standard OME-Zarr reader, not slidejob, reads the label image and its pyramid.
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
@@ -163,6 +176,10 @@ def test_one_bad_slide_does_not_stop_the_batch(tiny_model: Path, tmp_path: Path)
         manifest = json.loads((o.out_dir / "manifest.json").read_text())
         assert manifest["status"] == "failed" and "\n" not in manifest["error"]
         assert not (o.out_dir / "mask.ome.zarr").exists()
+    from slidejob import summarydb
+
+    rows = summarydb.query(summarydb.db_path_for(tmp_path / "out"), "SELECT status, count(*) FROM slides GROUP BY 1")
+    assert sorted(tuple(r) for r in rows.rows) == [("failed", 2), ("ok", 1)]
     assert good is not None
 
 
