@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
-from slidejob import chunkstore, geometry
+from slidejob import chunkstore, geometry, tissue
 from slidejob.chunkstore import CHUNK_PX, ChunkWriter
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,12 @@ def infer_rects(
     halo_px: int,
     threshold: float,
     batch_size: int,
+    clip_to_tissue: bool = True,
 ) -> int:
     """Infer rectangles of tissue chunks and write their mask (and probability) chunks.
+
+    With ``clip_to_tissue``, cancer calls on bare glass (:func:`slidejob.tissue.glass_mask`
+    of the rectangle's own pixels) are set to 0; probabilities are written as the model gave them.
 
     Each chunk is written by exactly one task, so a retried task (a worker
     died) rewrites the same bytes.  Returns the number of chunks written.
@@ -137,13 +141,17 @@ def infer_rects(
     image = zarr.open_array(Path(tiles_path) / chunkstore.LEVEL0, mode="r")
     shape = image.shape[:2]
     windows = [geometry.rect_window(r, halo_px=halo_px, shape_px=shape) for r in rects]
-    probs = predict_windows(model, [read_window(image, w) for w in windows], batch_size)
+    inputs = [read_window(image, w) for w in windows]
+    probs = predict_windows(model, inputs, batch_size)
     mask_writer = ChunkWriter(Path(mask_path) / "0")
     prob_writer = ChunkWriter(Path(prob_path) / "0") if prob_path else None
     written = 0
-    for rect, window, p in zip(rects, windows, probs):
-        kept = p[window.crop()]
+    for rect, window, x, p in zip(rects, windows, inputs, probs):
+        crop = window.crop()
+        kept = p[crop]
         mask = (kept >= threshold).astype(np.uint8)
+        if clip_to_tissue:
+            mask[tissue.glass_mask(x[crop])] = 0
         prob8 = np.round(kept * 255).astype(np.uint8) if prob_writer else None
         r0, c0, r1, c1 = rect
         for r in range(r0, r1):

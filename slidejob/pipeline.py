@@ -210,6 +210,7 @@ def tile_slide(
     block_chunks: int | None = None,
     overwrite: bool = False,
     tissue_result: TissueResult | None = None,
+    context_chunks: int = 0,
 ) -> TileResult:
     """Tile a slide's level 0 into a 512×512-chunked Zarr v3 store, tissue chunks only.
 
@@ -232,6 +233,10 @@ def tile_slide(
         Replace an existing store.
     tissue_result
         A tissue detection already done for this slide (skips redoing it).
+    context_chunks
+        Also write the chunks within this many chunks of tissue: the inference
+        halo reads them, and glass read as the store's pure-white fill value
+        instead of the slide's own glass would put an edge into the model's view.
     """
     t0 = time.perf_counter()
     block_chunks = int(config.get("tile.block-chunks", block_chunks))
@@ -258,15 +263,21 @@ def tile_slide(
         chunkstore.create_image_store(
             tmp, height_px=info.height_px, width_px=info.width_px, attributes=attrs, tissue_fraction=tr.fraction
         )
+        grid = tr.grid
+        if context_chunks:
+            from scipy import ndimage
+
+            grid = ndimage.binary_dilation(grid, structure=np.ones((3, 3), bool), iterations=context_chunks)
         tasks = []
-        for by, bx, sub in block_slices(tr.grid, block_chunks):
+        for by, bx, sub in block_slices(grid, block_chunks):
             y0, x0 = by * CHUNK_PX, bx * CHUNK_PX
             height = min(sub.shape[0] * CHUNK_PX, info.height_px - y0)
             width = min(sub.shape[1] * CHUNK_PX, info.width_px - x0)
             tasks.append(
                 dask.delayed(_tile_block, pure=False)(str(path), mpp_um, str(tmp), y0, x0, height, width, ~sub)
             )
-        logger.info("%s: tiling %d tissue chunks in %d tasks", path.name, tr.n_tissue_chunks, len(tasks))
+        logger.info("%s: tiling %d chunks (%d with tissue) in %d tasks", path.name, int(grid.sum()),
+                    tr.n_tissue_chunks, len(tasks))
         dask.compute(*tasks)
         attrs["complete"] = True
         t_done = time.perf_counter()
@@ -396,6 +407,7 @@ def inference_tasks(
     batch_size: int,
     blocks_per_task: int,
     gpu: bool,
+    clip_to_tissue: bool = True,
 ) -> list[Any]:
     """Delayed inference tasks: each covers ``blocks_per_task`` blocks, inferring only their tissue rectangles."""
     groups: list[list[geometry.Rect]] = []
@@ -420,6 +432,7 @@ def inference_tasks(
                 halo_px=halo_px,
                 threshold=threshold,
                 batch_size=batch_size,
+                clip_to_tissue=clip_to_tissue,
             )
             for rects in groups
         ]
@@ -557,6 +570,7 @@ class RunParameters:
     all_tissue: bool
     mpp_um_override: float | None
     save_probabilities: bool
+    clip_to_tissue: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -742,7 +756,7 @@ def _run_one(
         t = time.perf_counter()
         tiles = slide_dir / TILES_NAME
         tile_slide(path, tiles, overwrite=True, tissue_result=tr, mpp_um=params.mpp_um_override,
-                   all_tissue=params.all_tissue)
+                   all_tissue=params.all_tissue, context_chunks=-(-params.halo_px // CHUNK_PX))
         timings["tile"] = time.perf_counter() - t
 
         attrs = {
@@ -777,6 +791,7 @@ def _run_one(
                 tr.grid, spec=spec, tiles_path=tiles, mask_path=mask_tmp, prob_path=prob_tmp,
                 halo_px=params.halo_px, threshold=params.threshold, block_chunks=params.block_chunks,
                 batch_size=batch_size, blocks_per_task=blocks_per_task, gpu=gpu,
+                clip_to_tissue=params.clip_to_tissue,
             )
             n_written = sum(dask.compute(*tasks))
             timings["infer"] = time.perf_counter() - t

@@ -213,3 +213,23 @@ def block_mean_downsample(rgb: npt.NDArray[np.uint8], factor: int) -> npt.NDArra
         f = np.pad(f, ((0, ph), (0, pw), (0, 0)), mode="edge")
     out = f.reshape(oh, factor, ow, factor, c).mean(axis=(1, 3))
     return np.round(out).astype(np.uint8)
+
+
+def glass_mask(rgb: npt.NDArray[np.uint8], *, block_px: int = 8, grow_blocks: int = 2) -> npt.NDArray[np.bool_]:
+    """Full-resolution mask of bare glass in an (H, W, 3) region, True where there is certainly no tissue.
+
+    Computed on ``block_px`` box means (cheap next to a U-Net forward) with
+    fixed, permissive thresholds: a block is glass only when it is both
+    unsaturated (< :data:`MIN_SATURATION_THRESHOLD`, below pale tissue) and
+    bright; tissue is then grown by ``grow_blocks`` blocks so tissue edges are
+    never cut.  The inference stage uses it to keep cancer calls off glass,
+    which the model never saw in training.
+    """
+    h, w = rgb.shape[:2]
+    small = block_mean_downsample(rgb, block_px)
+    _, sat, val = hsv(small)
+    tissue_like = ~((sat < MIN_SATURATION_THRESHOLD) & (val > 0.75))
+    if grow_blocks:
+        tissue_like = ndimage.binary_dilation(tissue_like, iterations=grow_blocks)
+    full = np.repeat(np.repeat(~tissue_like, block_px, axis=0), block_px, axis=1)
+    return full[:h, :w]
