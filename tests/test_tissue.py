@@ -77,3 +77,12 @@ def test_block_mean_downsample_matches_numpy() -> None:
     out = tissue.block_mean_downsample(img, 4)
     ref = np.round(img.reshape(16, 4, 12, 4, 3).astype(np.float64).mean(axis=(1, 3))).astype(np.uint8)
     np.testing.assert_array_equal(out, ref)
+
+
+def test_glass_mask_marks_glass_not_tissue_edges() -> None:
+    img = render_block(0, 0, 256, 256, tissue_boxes=[(0, 0, 256, 128)], pale_boxes=[(0, 128, 64, 256)])
+    glass = tissue.glass_mask(img)
+    assert glass.shape == (256, 256)
+    assert not glass[:, :128].any() and not glass[:64, 128:].any()  # tissue, pale tissue kept
+    assert glass[120:, 160:].all()  # glass well away from tissue
+    assert not glass[:, 128:140].any()  # tissue edges are grown, never cut
