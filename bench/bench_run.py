@@ -47,7 +47,6 @@ def make_slide(workdir: Path, side_px: int, tissue: str) -> Path:
 def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0) -> dict:
     """Forward of in-memory 512² tiles: `threads` parallel forwards of one torch thread each."""
     import torch
-
     from slidejob.model import best_precision, load_model
 
     precision, channels_last = best_precision("cpu")
@@ -127,7 +126,7 @@ def main() -> None:
     all_slide = make_slide(args.workdir, side, "all")
     half_slide = make_slide(args.workdir, side, "half")
     out = args.workdir / "run-out"
-    with PeakRSS() as rss8, dask_client() as client:
+    with dask_client() as client:
         client.wait_for_workers(shape["n_workers"])
         t_all, timings_all = timed_run(all_slide, out, args.weights)
     mp = side * side / 1e6

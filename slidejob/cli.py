@@ -316,21 +316,21 @@ def demo(out_dir: Path, weights: Path | None, n_workers: int | None) -> None:
     from slidejob.summarydb import db_path_for, format_result, summary
 
     result = run_demo(out_dir, weights=weights, n_workers=n_workers)
-    outcome = result["outcome"]
+    outcome = result.outcome
     click.echo(f"{outcome.status}: {outcome.slide_id} ({outcome.seconds:.1f} s)" +
                (f" — {outcome.error}" if outcome.error else ""))
     if outcome.status == "failed":
         sys.exit(1)
-    click.echo(format_result(summary(db_path_for(result["results"])), "table"))
-    click.echo(f"Dice of the cancer mask against the tiles' annotations: {result['dice']:.3f}")
-    click.echo(f"outputs: {outcome.out_dir}  report: {result['results'] / 'report.html'}")
+    click.echo(format_result(summary(db_path_for(result.results)), "table"))
+    click.echo(f"Dice of the cancer mask against the tiles' annotations: {result.dice:.3f}")
+    click.echo(f"outputs: {outcome.out_dir}  report: {result.results / 'report.html'}")
 
-from slidejob.cli_training import evaluate, train  # noqa: E402
+from slidejob.cli_training import evaluate, train
 
 cli.add_command(train)
 cli.add_command(evaluate)
 
-from slidejob.cli_summary import query, report, summary  # noqa: E402
+from slidejob.cli_summary import query, report, summary
 
 cli.add_command(summary)
 cli.add_command(query)

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -70,7 +71,9 @@ def build_demo_slide(path: Path, *, columns: int = 4) -> DemoSlide:
             truth[y : y + TILE_PX, x : x + TILE_PX] = label
     path.parent.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffWriter(path) as tw:
-        kwargs = {"tile": (256, 256), "photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": 92}}
+        kwargs: dict[str, Any] = {
+            "tile": (256, 256), "photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": 92}
+        }
         tw.write(image, subifds=1, **kwargs)
         half = image[: height // 2 * 2, : width // 2 * 2].reshape(height // 2, 2, width // 2, 2, 3).mean(axis=(1, 3))
         tw.write(half.astype(np.uint8), subfiletype=1, **kwargs)
@@ -87,7 +90,16 @@ def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def run_demo(out_dir: Path, *, weights: Path | None = None, n_workers: int | None = None) -> dict[str, object]:
+@dataclass(frozen=True)
+class DemoResult:
+    """What :func:`run_demo` did: the batch outcome, where results are, and the mask's Dice against the labels."""
+
+    outcome: Any
+    results: Path
+    dice: float | None
+
+
+def run_demo(out_dir: Path, *, weights: Path | None = None, n_workers: int | None = None) -> DemoResult:
     """Build the demo slide under ``out_dir/slides``, run the job into ``out_dir/results``, score the mask.
 
     Returns the batch outcome, the Dice of the mask against the tiles' labels,
@@ -105,7 +117,6 @@ def run_demo(out_dir: Path, *, weights: Path | None = None, n_workers: int | Non
         batch = run_batch([slide.path], results, weights=weights)
     outcome = batch.outcomes[0]
     if outcome.status == "failed":
-        return {"outcome": outcome, "dice": None, "results": results}
-    mask = zarr.open_group(outcome.out_dir / MASK_NAME, mode="r")["0"][...].astype(bool)  # demo-sized
-    return {"outcome": outcome, "dice": dice(mask, slide.truth), "results": results,
-            "truth_cancer_px": int(slide.truth.sum()), "mask_cancer_px": int(mask.sum())}
+        return DemoResult(outcome=outcome, results=results, dice=None)
+    mask = np.asarray(zarr.open_array(outcome.out_dir / MASK_NAME / "0", mode="r")[...]).astype(bool)  # demo-sized
+    return DemoResult(outcome=outcome, results=results, dice=dice(mask, slide.truth))

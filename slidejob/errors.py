@@ -7,7 +7,6 @@ name the file, say what was expected and what was found, and the fix.
 
 from __future__ import annotations
 
-
 #: Exit statuses the CLI uses, so that a scheduler can tell "fix the input"
 #: from "retry": 1 = a deliberate error of ours, 2 = usage (click), 3 = bad
 #: input (slide missing, unreadable, unsupported), 4 = output already exists.

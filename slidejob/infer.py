@@ -139,7 +139,7 @@ def infer_rects(
     """
     model = get_model(spec)
     image = zarr.open_array(Path(tiles_path) / chunkstore.LEVEL0, mode="r")
-    shape = image.shape[:2]
+    shape = (int(image.shape[0]), int(image.shape[1]))
     windows = [geometry.rect_window(r, halo_px=halo_px, shape_px=shape) for r in rects]
     inputs = [read_window(image, w) for w in windows]
     probs = predict_windows(model, inputs, batch_size)

@@ -458,7 +458,8 @@ def _pyramid_block(path: str, level: int, r0: int, c0: int, n: int, reducer: str
 def build_pyramid(path: Path, grid: npt.NDArray[np.bool_], *, reducer: str, block_chunks: int = 4) -> None:
     """Fill levels 1.. of a mask/probability store from level 0, level by level, only where there is tissue."""
     root = zarr.open_group(path, mode="r")
-    n_levels = len(root.attrs["ome"]["multiscales"][0]["datasets"])
+    ome: Any = root.attrs["ome"]
+    n_levels = len(ome["multiscales"][0]["datasets"])
     for level in range(1, n_levels):
         grid = maskstore.downsample_max(grid.astype(np.uint8)).astype(bool)
         tasks = [

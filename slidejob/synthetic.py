@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -215,7 +216,7 @@ def write_slide(
     """
     path = Path(path)
     factors = [2**i for i in range(n_levels) if i == 0 or min(height_px, width_px) // 2**i >= tile_px]
-    kwargs: dict = {"tile": (tile_px, tile_px), "photometric": "rgb", "compression": compression}
+    kwargs: dict[str, Any] = {"tile": (tile_px, tile_px), "photometric": "rgb", "compression": compression}
     if compression == "jpeg":
         kwargs["compressionargs"] = {"level": 90}
     if mpp_um is not None:
@@ -228,7 +229,7 @@ def write_slide(
             if f > 1:
                 # Level sizes are floor-divided like real pyramids; tiles cover the remainder.
                 h, w = height_px // f, width_px // f
-            extra = {"subifds": len(factors) - 1} if i == 0 else {"subfiletype": 1}
+            extra: dict[str, Any] = {"subifds": len(factors) - 1} if i == 0 else {"subfiletype": 1}
             tw.write(
                 _tiles(h, w, tile_px, f, boxes, pale, seed, texture_pool, cancer),
                 shape=(h, w, 3),

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from slidejob.model import load_model
 
 from slidejob import chunkstore, infer
-from slidejob.model import load_model
 from slidejob.pipeline import run_batch, slide_id_for
 from slidejob.synthetic import write_slide
 from slidejob.wsi import open_slide

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from slidejob.model import UNet, UNetConfig, receptive_radius_px
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from slidejob.model import PICKLE_SUFFIXES, load_model, read_weights, resolve_model_paths, write_weights
 
 from slidejob.errors import ModelError, UnsafeWeights
-from slidejob.model import PICKLE_SUFFIXES, load_model, read_weights, resolve_model_paths, write_weights
 
 
 def test_round_trip_gives_identical_outputs(saved_model) -> None:
