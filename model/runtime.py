@@ -72,31 +72,31 @@ def normalization_tensors(card: ModelCard, device: torch.device | str = "cpu") -
     return normalization_affine(card.input_normalization["mean"], card.input_normalization["std"], device)
 
 
-def _cpu_has_native_bf16() -> bool:
-    # Private torch helpers (torch.cpu._is_*), hence the getattr: without
-    # AVX512-BF16 or AMX, bf16 on CPU is emulated and slower than fp32.
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    for name in checks:
-        check = getattr(torch.cpu, name, None)
-        try:
-            if check is not None and check():
-                return True
-        except RuntimeError:  # pragma: no cover - defensive: the helpers are private
-            continue
-    return False
+def _cpu_has_amx() -> bool:
+    # torch.cpu._is_amx_tile_supported is private, hence the getattr and the
+    # fallback: without it we cannot tell, and fp32 is the safe answer.
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:  # pragma: no cover - defensive: the helper is private
+        return False
 
 
 def best_precision(device: str | torch.device) -> tuple[str, bool]:
     """The fastest precision and memory layout that is safe for this model on ``device``.
 
-    Rule (measured for the shipped widths; see ``docs/training.md``):
+    Rule (measured; see ``docs/training.md`` and ``python -m slidejob.model.bench``):
 
     - CUDA: ``("bf16", True)`` where the GPU supports bf16 (Ampere and later), else
-      ``("fp16", True)``: tensor cores need a 16-bit dtype and NHWC; the network is
+      ``("fp16", True)``: tensor cores want a 16-bit dtype and NHWC; the network is
       batch-normalized, so its activations stay far inside fp16's range.
-    - CPU with native bf16 (AVX512-BF16 or AMX): ``("bf16", True)``.
-    - Other CPUs: ``("fp32", True)``: channels_last alone helps oneDNN's convolutions,
-      while emulated bf16 costs more than it saves.
+    - CPU with AMX (Sapphire Rapids and later): ``("bf16", True)``: oneDNN runs bf16
+      convolutions on the AMX tiles.
+    - Other CPUs: ``("fp32", True)``.  channels_last alone gives oneDNN's convolutions
+      1.5-2× the plain-fp32 speed with the same mask; bf16 autocast was measured on a
+      2-core Xeon with AVX512-BF16 but no AMX at 20 % slower to 16 % faster than
+      that depending on input size, and it flips some mask pixels, so it does not
+      pay there.
 
     Parameters
     ----------
@@ -112,7 +112,7 @@ def best_precision(device: str | torch.device) -> tuple[str, bool]:
     if device.type == "cuda":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), True
     if device.type == "cpu":
-        return ("bf16" if _cpu_has_native_bf16() else "fp32"), True
+        return ("bf16" if _cpu_has_amx() else "fp32"), True
     return "fp32", False
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from slidejob.model import best_precision, load_model
-from slidejob.model.runtime import _cpu_has_native_bf16
+from slidejob.model.runtime import _cpu_has_amx
 
 
 def _tiles(n: int = 2, side_px: int = 48, seed: int = 0) -> np.ndarray:
@@ -54,10 +55,19 @@ def test_unknown_precision_is_refused(saved_model) -> None:
         load_model(saved_model[0], precision="int8")
 
 
-def test_best_precision_on_cpu_follows_native_bf16() -> None:
+def test_best_precision_on_cpu_is_bf16_only_with_amx() -> None:
     precision, channels_last = best_precision("cpu")
     assert channels_last is True
-    assert precision == ("bf16" if _cpu_has_native_bf16() else "fp32")
+    assert precision == ("bf16" if _cpu_has_amx() else "fp32")
+
+
+def test_best_precision_without_amx_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    # AVX512-BF16 alone (this project's CPU) was measured no faster in bf16.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert best_precision("cpu") == ("fp32", True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert best_precision("cpu") == ("bf16", True)
 
 
 @pytest.mark.gpu
