@@ -20,7 +20,7 @@ from slidejob.errors import ModelError
 from slidejob.model.runtime import PRECISIONS, best_precision, load_model
 from slidejob.model.unet import UNet
 
-__all__ = ["Measurement", "measure", "main"]
+__all__ = ["Measurement", "main", "measure"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -202,12 +202,15 @@ def write_weights(
         tensors[name] = tensor.contiguous().clone()
     data = safetensors_save(tensors, metadata={"format": "pt"})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A unique temporary name opened with open(), not mkstemp(): mkstemp makes
+    # the file owner-only (0600), and weights on a shared cluster filesystem
+    # must stay readable by the group as the umask allows.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return sha256_bytes(data)

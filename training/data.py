@@ -118,6 +118,7 @@ def discover_samples(
     *,
     negative_classes: Iterable[str] = (),
     group_regex: str = DEFAULT_GROUP_REGEX,
+    require_negative_classes: bool = True,
 ) -> list[Sample]:
     """Every image/mask pair under ``root``, sorted by class then file name.
 
@@ -129,6 +130,10 @@ def discover_samples(
         Class folder names whose tiles are all background (their masks are ignored).
     group_regex
         Regex applied to the image file name; its first group is the group key.
+    require_negative_classes
+        A named negative class that is not there is an error (catches typos);
+        ``False`` when the names are defaults taken from a model card and the
+        folder may hold only some of the classes.
 
     Returns
     -------
@@ -151,7 +156,7 @@ def discover_samples(
     negative = set(negative_classes)
     classes = _class_dirs(root)
     unknown = negative - {name for name, _ in classes}
-    if unknown:
+    if unknown and require_negative_classes:
         raise DataError(
             f"negative class(es) {sorted(unknown)} not found under {root}; class folders there: "
             f"{[name for name, _ in classes]}"

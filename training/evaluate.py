@@ -103,10 +103,16 @@ def evaluate_model(
     loaded = load_model(None, weights, device=device, precision=precision)
     card = loaded.card
     mask_threshold = card.mask_threshold if mask_threshold is None else mask_threshold
+    from_card = negative_classes is None
     if negative_classes is None:
         negative_classes = card.negative_classes
     threshold = card.threshold if threshold is None else threshold
-    samples = discover_samples(Path(data_dir), negative_classes=negative_classes, group_regex=_ANY_NAME)
+    # The card's negative classes need not all be present (a folder of only
+    # cancer tiles is fine); ones named explicitly must be (a typo is an error).
+    samples = discover_samples(
+        Path(data_dir), negative_classes=negative_classes, group_regex=_ANY_NAME,
+        require_negative_classes=not from_card,
+    )
     tiles = load_tiles(samples, mask_threshold=mask_threshold)
     config = card.training.get("config", {})
     loss_fn = make_loss(config.get("loss", "bce-dice"), pos_weight=float(card.training.get("pos_weight", 1.0)))
@@ -148,8 +154,10 @@ def format_table(result: EvaluationResult) -> str:
     """A two-column text table of ``result`` for people (``--format table``)."""
     lines = [
         f"model   {result.model_name} (sha256 {result.weights_sha256[:12]}…)",
-        f"data    {result.data_dir} (mask >= {result.mask_threshold}; all-negative classes: "
-        f"{', '.join(result.negative_classes) or 'none'})",
+        (
+            f"data    {result.data_dir} (mask >= {result.mask_threshold}; all-negative classes: "
+            f"{', '.join(result.negative_classes) or 'none'})"
+        ),
         "",
     ]
     width = max(len(label) for _, label in _TABLE_ROWS)

@@ -94,9 +94,11 @@ def _panel(
         low, high = y_range
     first, last = (min(epochs), max(epochs)) if epochs else (0, 1)
     span = max(last - first, 1)
+    margin = 0.03 * span  # keeps the first and last points off the frame
 
     def xy(epoch: float, value: float) -> tuple[float, float]:
-        return (left + (epoch - first) / span * (right - left), bottom - (value - low) / (high - low) * (bottom - top))
+        x = left + (epoch - first + margin) / (span + 2 * margin) * (right - left)
+        return x, bottom - (value - low) / (high - low) * (bottom - top)
 
     draw.rectangle(box, outline=(0, 0, 0))
     draw.text((left, top - 16), title, fill=(0, 0, 0), font=font)
@@ -125,14 +127,16 @@ def _panel(
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        legend_y = top + 6 + 14 * index
-        draw.line([(right - 150, legend_y + 5), (right - 130, legend_y + 5)], fill=colour, width=3)
-        draw.text((right - 125, legend_y), name, fill=(0, 0, 0), font=font)
+        # Legend under the panel, three entries a row, so it never hides a curve.
+        legend_x = left + 155 * (index % 3)
+        legend_y = bottom + 40 + 16 * (index // 3)
+        draw.line([(legend_x, legend_y + 5), (legend_x + 20, legend_y + 5)], fill=colour, width=3)
+        draw.text((legend_x + 25, legend_y), name, fill=(0, 0, 0), font=font)
 
 
 def draw_curves(history: Sequence[Mapping[str, Any]], *, best_epoch: int | None = None) -> Image.Image:
     """Loss curves (left) and validation metrics (right) against epoch; the exported epoch dashed."""
-    image = Image.new("RGB", (1100, 440), "white")
+    image = Image.new("RGB", (1100, 460), "white")
     draw = ImageDraw.Draw(image)
     _panel(draw, (60, 40, 520, 380), history, _LOSS_SERIES, "loss", None, best_epoch)
     title = "validation metrics" + (f" (dashed: exported epoch {best_epoch})" if best_epoch is not None else "")

@@ -37,7 +37,7 @@ from slidejob import __version__
 from slidejob.errors import DataError, OutputExists
 from slidejob.model.card import ModelCard
 from slidejob.model.runtime import save_model
-from slidejob.model.unet import UNet, receptive_radius_px
+from slidejob.model.unet import UNet, UNetConfig, receptive_radius_px
 from slidejob.training.augment import augment
 from slidejob.training.checkpoint import CHECKPOINT_JSON, load_checkpoint, save_checkpoint
 from slidejob.training.config import TrainConfig
@@ -143,7 +143,9 @@ def _batch(
     return images, masks
 
 
-def _prepare_run_dir(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+def _check_run_dir(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+    # A run exists once it has a checkpoint; a run.json alone (a run that failed
+    # before its first epoch ended) is simply overwritten.
     run_json = out_dir / _RUN_JSON
     if resume:
         if not (out_dir / CHECKPOINT_JSON).is_file() or not run_json.is_file():
@@ -157,11 +159,15 @@ def _prepare_run_dir(out_dir: Path, config: TrainConfig, resume: bool) -> None:
                 f"--resume: options differ from the run in {out_dir} ({details}); resume with the same "
                 "options (only --epochs may change), or start a new run with another --out"
             )
-    elif run_json.exists() or (out_dir / CHECKPOINT_JSON).exists():
+    elif (out_dir / CHECKPOINT_JSON).exists():
         raise OutputExists(
             f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out"
         )
+
+
+def _write_run_json(out_dir: Path, config: TrainConfig) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_json = out_dir / _RUN_JSON
     tmp = run_json.with_name(f".{run_json.name}.tmp")
     tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, run_json)
@@ -175,7 +181,7 @@ def _make_card(
     metrics: dict[str, Any],
     training: dict[str, Any],
 ) -> ModelCard:
-    unet = UNet(base_channels=config.base_channels, norm=config.norm).config
+    unet = UNetConfig(base_channels=config.base_channels, norm=config.norm)
     name = config.name or f"unet{config.base_channels}-{Path(config.data_dir).name}"
     description = config.description or (
         f"U-Net (base width {config.base_channels}) trained by slidejob on {Path(config.data_dir).name}. "
@@ -237,7 +243,7 @@ def train_model(
     """
     out_dir = Path(out_dir)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    _prepare_run_dir(out_dir, config, resume)
+    _check_run_dir(out_dir, config, resume)
     data_dir = Path(config.data_dir)
 
     samples = discover_samples(data_dir, negative_classes=config.negative_classes, group_regex=config.group_regex)
@@ -259,6 +265,8 @@ def train_model(
         data_dir, len(samples), len({s.group for s in samples}), len(train_tiles), len(val_tiles),
         len(val_groups), 100 * positives / train_tiles.total_pixels(), pos_weight, device,
     )
+
+    _write_run_json(out_dir, config)  # only once the data is known to be usable
 
     torch.manual_seed(config.seed)
     model = UNet(base_channels=config.base_channels, norm=config.norm).to(device)

@@ -6,9 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from slidejob.model import PICKLE_SUFFIXES, load_model, read_weights, resolve_model_paths, write_weights
 
 from slidejob.errors import ModelError, UnsafeWeights
+from slidejob.model import (
+    PICKLE_SUFFIXES,
+    ModelCard,
+    UNet,
+    load_model,
+    read_weights,
+    resolve_model_paths,
+    write_weights,
+)
 
 
 def test_round_trip_gives_identical_outputs(saved_model) -> None:
@@ -65,9 +73,7 @@ def test_unsafe_weights_is_a_model_error() -> None:
 
 
 def test_weights_that_do_not_fit_the_card_architecture(saved_model, make_card) -> None:
-    card_path, weights_path, unet = saved_model
-    from slidejob.model import ModelCard, UNet
-
+    card_path = saved_model[0]
     card = ModelCard.load(card_path)
     wider = make_card(UNet(base_channels=8), weights_sha256=card.weights_sha256)
     wider.save(card_path)
@@ -104,3 +110,16 @@ def test_missing_weights_file(saved_model) -> None:
     weights_path.unlink()
     with pytest.raises(ModelError, match="not found"):
         load_model(card_path)
+
+
+def test_written_weights_follow_the_umask_not_owner_only(tmp_path: Path) -> None:
+    # mkstemp-style 0600 files would be unreadable to the rest of a cluster group.
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        write_weights({"a": torch.zeros(1)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from slidejob.errors import DataError
 from slidejob.training.data import (
     DEFAULT_GROUP_REGEX,
     discover_samples,
@@ -13,8 +15,6 @@ from slidejob.training.data import (
     load_tiles,
     split_by_group,
 )
-
-from slidejob.errors import DataError
 
 EBHI = Path(__file__).resolve().parents[3] / "shared" / "data" / "annotated" / "ebhi-seg"
 
@@ -45,7 +45,7 @@ def test_single_class_layout(tmp_path: Path, synthetic_tiles: Path) -> None:
 
 def test_image_without_mask_is_an_error(tmp_path: Path, synthetic_tiles: Path) -> None:
     shutil.copytree(synthetic_tiles, tmp_path / "data")
-    victim = sorted((tmp_path / "data" / "Tumour" / "label").iterdir())[0]
+    victim = min((tmp_path / "data" / "Tumour" / "label").iterdir())
     victim.unlink()
     with pytest.raises(DataError, match=f"{victim.name}.*no mask"):
         discover_samples(tmp_path / "data")

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from slidejob.training.config import TrainConfig
 from slidejob.training.evaluate import evaluate_model, format_table
 from slidejob.training.train import TrainResult, train_model
@@ -61,3 +62,18 @@ def test_folder_of_only_negatives(tiny_run: TrainResult, synthetic_tiles: Path, 
     assert math.isnan(result.metrics["sensitivity"])  # no cancer pixels to find
     assert json.loads(result.to_json())["metrics"]["sensitivity"] is None
     assert "n/a" in format_table(result)
+
+
+def test_card_negative_class_may_be_absent_from_the_folder(tiny_run: TrainResult, synthetic_tiles: Path,
+                                                           tmp_path: Path) -> None:
+    # Regression: evaluating a folder of only cancer tiles failed because the
+    # card's negative class "Normal" had no folder there.
+    import shutil
+
+    from slidejob.errors import DataError
+
+    shutil.copytree(synthetic_tiles / "Tumour", tmp_path / "only-tumour" / "Tumour")
+    result = evaluate_model(tmp_path / "only-tumour", weights=tiny_run.card_path)
+    assert result.metrics["n_tiles"] == 32
+    with pytest.raises(DataError, match="not found"):
+        evaluate_model(tmp_path / "only-tumour", weights=tiny_run.card_path, negative_classes=("Normal",))

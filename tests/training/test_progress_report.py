@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from slidejob.training.progress import Progress
 from slidejob.training.report import draw_curves, write_history
 
@@ -27,10 +28,12 @@ def test_progress_bar_on_a_terminal_shows_running_loss() -> None:
 
 def test_progress_off_a_terminal_logs_plain_lines(caplog: pytest.LogCaptureFixture) -> None:
     stream = io.StringIO()
-    with caplog.at_level(logging.INFO, logger="slidejob.training.progress"):
-        with Progress(2, "epoch 1/1", stream=stream, interval_s=0.0) as bar:
-            bar.update(loss=1.0)
-            bar.update(loss=0.5)
+    with (
+        caplog.at_level(logging.INFO, logger="slidejob.training.progress"),
+        Progress(2, "epoch 1/1", stream=stream, interval_s=0.0) as bar,
+    ):
+        bar.update(loss=1.0)
+        bar.update(loss=0.5)
     assert stream.getvalue() == ""  # no carriage returns in a log file
     assert len(caplog.records) == 3 and "2/2" in caplog.records[-1].getMessage()
 
@@ -53,7 +56,7 @@ def test_history_files(tmp_path) -> None:
     assert (tmp_path / "metrics.csv").read_text().splitlines()[1].startswith("1,0.001,1.0,0.9,")
     assert '"sensitivity": null' in (tmp_path / "metrics.json").read_text()
     image = draw_curves(history, best_epoch=2)
-    assert image.size == (1100, 440)
+    assert image.size == (1100, 460)
     # Something was drawn in both panels, in colour.
     for panel in ((60, 40, 520, 380), (620, 40, 1080, 380)):
         pixels = np.asarray(image.crop(panel)).reshape(-1, 3)

@@ -1,20 +1,21 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from slidejob.errors import DataError, OutputExists
 from slidejob.model import ModelCard, load_model
 from slidejob.training.config import TrainConfig
 from slidejob.training.data import discover_samples, load_tiles, split_by_group
 from slidejob.training.report import HISTORY_COLUMNS
 from slidejob.training.scoring import score_tiles
 from slidejob.training.train import TrainResult, lr_at, train_model
-
-from slidejob.errors import DataError, OutputExists
 
 #: The bar the short synthetic run must clear; it reaches about 0.93.
 SYNTHETIC_DICE_BAR = 0.85
@@ -119,9 +120,18 @@ def test_resume_ends_where_an_uninterrupted_run_ends(
 
 
 def test_existing_run_is_not_overwritten(synthetic_tiles: Path, tmp_path: Path) -> None:
-    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "checkpoint.json").write_text("{}")
     with pytest.raises(OutputExists, match="--resume"):
         train_model(_config(synthetic_tiles), out_dir=tmp_path, show_progress=False)
+
+
+def test_run_that_failed_on_its_data_can_be_started_again(synthetic_tiles: Path, tmp_path: Path) -> None:
+    # Regression: a bad option used to leave run.json behind, and the corrected
+    # command was then refused as "already holds a training run".
+    with pytest.raises(DataError, match="larger than the smallest training tile"):
+        train_model(_config(synthetic_tiles, crop_px=72), out_dir=tmp_path, show_progress=False)
+    assert not (tmp_path / "run.json").exists()
+    train_model(_config(synthetic_tiles, epochs=1), out_dir=tmp_path, show_progress=False)
 
 
 @pytest.mark.slow
@@ -153,5 +163,5 @@ def test_config_validation() -> None:
 def test_learning_rate_schedule() -> None:
     lrs = [lr_at(step, total_steps=100, warmup_steps=10, peak_lr=1.0) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(0.01, abs=0.002)
