@@ -6,8 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from slidejob.errors import ModelError, UnsafeWeights
 from slidejob.model import (
     PICKLE_SUFFIXES,
     ModelCard,
@@ -17,6 +15,8 @@ from slidejob.model import (
     resolve_model_paths,
     write_weights,
 )
+
+from slidejob.errors import ModelError, UnsafeWeights
 
 
 def test_round_trip_gives_identical_outputs(saved_model) -> None:

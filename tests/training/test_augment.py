@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from slidejob.training.augment import Augmentation, augment, dihedral, random_crop
 
 

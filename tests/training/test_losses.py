@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from slidejob.training.config import LOSSES
 from slidejob.training.losses import make_loss, soft_dice_loss
 
