@@ -22,7 +22,7 @@ from slidejob.model.runtime import (
     save_model,
 )
 from slidejob.model.unet import UNet, UNetConfig, receptive_radius_px
-from slidejob.model.weights import (
+from slidejob.model.weights_io import (
     PICKLE_SUFFIXES,
     default_weights,
     read_weights,

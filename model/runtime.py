@@ -16,7 +16,7 @@ import torch
 from slidejob.errors import ModelError
 from slidejob.model.card import ModelCard
 from slidejob.model.unet import UNet
-from slidejob.model.weights import read_weights, resolve_model_paths, write_weights
+from slidejob.model.weights_io import read_weights, resolve_model_paths, write_weights
 
 __all__ = [
     "PRECISIONS",

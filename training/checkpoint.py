@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from slidejob.errors import ModelError
-from slidejob.model.weights import read_weights, write_weights
+from slidejob.model.weights_io import read_weights, write_weights
 
 __all__ = ["CHECKPOINT_JSON", "CHECKPOINT_TENSORS", "load_checkpoint", "save_checkpoint"]
 
