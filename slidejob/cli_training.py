@@ -36,7 +36,15 @@ def _crop_multiple_of_8(ctx: click.Context, param: click.Parameter, value: int) 
     return value
 
 
-@click.command("train")
+@click.command(
+    "train",
+    epilog="""\b
+Examples:
+  slidejob train ../shared/data/annotated/ebhi-seg --out training-runs/ebhi --negative-class Normal
+  slidejob train DATA --out RUN ...same options... --resume   (continue an interrupted run)
+  (docs/training.md has the exact command behind the shipped weights)
+""",
+)
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: checkpoints, metrics.csv/json, curves.png, model.safetensors + model.json.")
@@ -147,7 +155,14 @@ def train(
     )
 
 
-@click.command("evaluate")
+@click.command(
+    "evaluate",
+    epilog="""\b
+Examples:
+  slidejob evaluate ../shared/data/annotated/ebhi-seg            (the shipped model)
+  slidejob evaluate --weights RUN/model.json DATA --format json
+""",
+)
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Model card (.json) or weights (.safetensors)  [default: the shipped model]")

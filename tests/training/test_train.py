@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from slidejob.model import ModelCard, load_model
@@ -165,3 +166,16 @@ def test_learning_rate_schedule() -> None:
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(0.01, abs=0.002)
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_uses_mixed_precision(synthetic_tiles: Path, tmp_path: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    result = train_model(_config(synthetic_tiles, epochs=2), out_dir=tmp_path, device="cuda", show_progress=False)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert ModelCard.load(result.card_path).training["device"].startswith("cuda")
+    # Exported weights load on the CPU.
+    assert load_model(result.card_path).predict_proba(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 64, 64)
