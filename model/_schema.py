@@ -54,7 +54,9 @@ def schema_errors(value: Any, schema: Mapping[str, Any], where: str = "$") -> li
     """
     unknown = set(schema) - _KNOWN
     if unknown:
-        raise ValueError(f"schema at {where} uses keywords this validator does not implement: {sorted(unknown)}")
+        raise ValueError(
+            f"schema at {where} uses keywords this validator does not implement: {sorted(unknown)}"
+        )
     errors: list[str] = []
     if "type" in schema:
         names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]

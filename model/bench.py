@@ -1,4 +1,4 @@
-"""Measure U-Net inference throughput per precision and memory layout: the evidence behind :func:`best_precision`.
+"""U-Net inference throughput per precision and memory layout: the evidence behind :func:`best_precision`.
 
 Run ``python -m slidejob.model.bench`` (add ``--widths 16 32 --side-px 512``)
 on the machine in question; it prints megapixels per second for fp32 / bf16 /
@@ -79,7 +79,8 @@ def measure(
             model = net.to(memory_format=layout)
             inputs = x.contiguous(memory_format=layout)
             dtype = PRECISIONS[precision]
-            autocast = torch.autocast(device_type=torch.device(device).type, dtype=dtype) if dtype else nullcontext()
+            device_type = torch.device(device).type
+            autocast = torch.autocast(device_type=device_type, dtype=dtype) if dtype else nullcontext()
             timings = []
             with torch.inference_mode():
                 for _ in range(repeats + 1):  # the first pass warms up oneDNN / cuDNN

@@ -67,7 +67,9 @@ def prepare_batch(
     return (x.permute(0, 3, 1, 2).float() * scale + shift).contiguous(memory_format=layout)
 
 
-def normalization_tensors(card: ModelCard, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def normalization_tensors(
+    card: ModelCard, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`normalization_affine` of the card's ``input_normalization``."""
     return normalization_affine(card.input_normalization["mean"], card.input_normalization["std"], device)
 
@@ -190,7 +192,9 @@ class LoadedModel:
                 f"expected uint8 RGB tiles of shape (N, H, W, 3), got dtype {batch.dtype} shape {batch.shape}"
             )
         with torch.inference_mode():
-            x = prepare_batch(batch, self._scale, self._shift, device=self.device, channels_last=self.channels_last)
+            x = prepare_batch(
+                batch, self._scale, self._shift, device=self.device, channels_last=self.channels_last
+            )
             with self._autocast():
                 logits = self.module(x)
             probabilities = torch.sigmoid(logits.float())[:, 0]

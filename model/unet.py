@@ -67,7 +67,9 @@ class UNetConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error, not silently dropped."""
         unknown = set(config) - {"base_channels", "norm", "in_channels"}
         if unknown:
-            raise ValueError(f"unknown U-Net config keys {sorted(unknown)}; expected base_channels, norm, in_channels")
+            raise ValueError(
+                f"unknown U-Net config keys {sorted(unknown)}; expected base_channels, norm, in_channels"
+            )
         return cls(**dict(config))
 
 

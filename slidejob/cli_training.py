@@ -1,4 +1,4 @@
-"""``slidejob train`` and ``slidejob evaluate``: parse, validate, call one function of :mod:`slidejob.training`.
+"""``slidejob train`` and ``slidejob evaluate``: parse, validate, call one :mod:`slidejob.training` function.
 
 torch is imported inside the commands, not here: ``slidejob.cli`` imports this
 module, and every other command (``info``, ``tissue``, …) would otherwise pay
@@ -53,12 +53,14 @@ Examples:
               help="Crops per step (at least 2: BatchNorm needs a batch).")
 @click.option("--crop-px", type=click.IntRange(min=8), default=_DEFAULTS.crop_px, show_default=True,
               callback=_crop_multiple_of_8, help="Side of the random training crops, a multiple of 8.")
-@click.option("--base-channels", type=click.IntRange(min=1), default=_DEFAULTS.base_channels, show_default=True,
+@click.option("--base-channels", type=click.IntRange(min=1), default=_DEFAULTS.base_channels,
+              show_default=True,
               help="U-Net width; inference cost grows with its square.")
 @click.option("--norm", type=click.Choice(_NORMS), default=_DEFAULTS.norm, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True,
               help="Peak AdamW learning rate (linear warm-up, then cosine decay).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=_DEFAULTS.weight_decay,
+              show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
               help="Seeds the split, weight init, data order and augmentation.")
 @click.option("--group-regex", default=_DEFAULTS.group_regex, show_default=True,
@@ -68,10 +70,12 @@ Examples:
 @click.option("--mask-threshold", type=click.IntRange(1, 255), default=_DEFAULTS.mask_threshold,
               show_default=True, help="Mask grey level at or above which a pixel is cancer.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              default=_DEFAULTS.val_fraction, show_default=True, help="Share of tiles (whole groups) for validation.")
+              default=_DEFAULTS.val_fraction, show_default=True,
+              help="Share of tiles (whole groups) for validation.")
 @click.option("--loss", type=click.Choice(LOSSES), default=_DEFAULTS.loss, show_default=True)
 @click.option("--pos-weight", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Weight of cancer pixels in the loss  [default: negatives/positives of the training split]")
+              help="Weight of cancer pixels in the loss  "
+                   "[default: negatives/positives of the training split]")
 @click.option("--export-dtype", type=click.Choice(EXPORT_DTYPES), default=_DEFAULTS.export_dtype,
               show_default=True, help="Storage dtype of the exported weights (loading upcasts).")
 @click.option("--device", default=None, help="torch device  [default: cuda if available, else cpu]")
@@ -150,7 +154,8 @@ def train(
     metrics = result.metrics
     click.echo(
         f"best epoch {result.best_epoch}: validation Dice {metrics['dice']:.4f}, IoU {metrics['iou']:.4f}, "
-        f"pixel accuracy {metrics['pixel_accuracy']:.4f} (all-negative {metrics['all_negative_accuracy']:.4f})\n"
+        f"pixel accuracy {metrics['pixel_accuracy']:.4f} "
+        f"(all-negative {metrics['all_negative_accuracy']:.4f})\n"
         f"model card {result.card_path}\nweights    {result.weights_path}"
     )
 
@@ -188,7 +193,7 @@ def evaluate(
     precision: str,
     batch_size: int,
 ) -> None:
-    """Print pooled pixel metrics of a model on the labelled tiles in DATA, and the Dice-maximising threshold."""
+    """Print pooled pixel metrics of a model on labelled tiles in DATA, and the Dice-maximising threshold."""
     from slidejob.training.evaluate import evaluate_model, format_table
 
     try:

@@ -95,7 +95,9 @@ def dihedral(array: npt.NDArray[Any], k: int) -> npt.NDArray[Any]:
     return array[:, ::-1] if k >= 4 else array
 
 
-def _stain_jitter(rgb01: npt.NDArray[np.float32], sigma: float, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+def _stain_jitter(
+    rgb01: npt.NDArray[np.float32], sigma: float, rng: np.random.Generator
+) -> npt.NDArray[np.float32]:
     alpha = rng.uniform(1 - sigma, 1 + sigma, size=3)
     beta = rng.uniform(-sigma, sigma, size=3)
     # HED amounts are linear in optical density, so scale-and-shift of the

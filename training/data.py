@@ -85,7 +85,7 @@ def _find_dir(parent: Path, names: Sequence[str]) -> Path | None:
 
 
 def group_of(file_name: str, group_regex: str | re.Pattern[str]) -> str | None:
-    """The group key of ``file_name``: the regex's first group (or whole match), ``None`` if it does not match.
+    """The group key of ``file_name``: the regex's first group (or whole match), ``None`` without a match.
 
     >>> group_of("GT2012324-1-400-005.png", DEFAULT_GROUP_REGEX)
     'GT2012324-1-400'

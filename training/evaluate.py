@@ -55,7 +55,8 @@ class EvaluationResult:
             "mask_threshold": self.mask_threshold,
             "negative_classes": list(self.negative_classes),
             "metrics": {
-                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.metrics.items()
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in self.metrics.items()
             },
         }
 
@@ -115,7 +116,8 @@ def evaluate_model(
     )
     tiles = load_tiles(samples, mask_threshold=mask_threshold)
     config = card.training.get("config", {})
-    loss_fn = make_loss(config.get("loss", "bce-dice"), pos_weight=float(card.training.get("pos_weight", 1.0)))
+    pos_weight = float(card.training.get("pos_weight", 1.0))
+    loss_fn = make_loss(config.get("loss", "bce-dice"), pos_weight=pos_weight)
     scores = score_tiles(
         loaded.module, tiles, mean=card.input_normalization["mean"], std=card.input_normalization["std"],
         device=device, threshold=threshold, batch_size=batch_size, loss_fn=loss_fn,

@@ -43,7 +43,9 @@ def soft_dice_loss(logits: torch.Tensor, truth: torch.Tensor, smooth: float = 1.
     return 1.0 - (2.0 * overlap + smooth) / (probabilities.sum() + truth.sum() + smooth)
 
 
-def focal_loss(logits: torch.Tensor, truth: torch.Tensor, gamma: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, truth: torch.Tensor, gamma: float = 2.0, alpha: float = 0.5
+) -> torch.Tensor:
     """Mean focal loss; ``alpha`` weighs positives, ``1 - alpha`` negatives."""
     logits, truth = logits.float(), truth.float()
     bce = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")

@@ -202,7 +202,9 @@ class ThresholdSweep:
         probabilities = np.asarray(probabilities, dtype=np.float64)
         truth = np.asarray(truth, dtype=bool)
         if probabilities.shape != truth.shape:
-            raise ValueError(f"probability shape {probabilities.shape} differs from truth shape {truth.shape}")
+            raise ValueError(
+                f"probability shape {probabilities.shape} differs from truth shape {truth.shape}"
+            )
         slots = np.clip(np.floor(probabilities * self.bins), 0, self.bins).astype(np.int64)
         self._positive += np.bincount(slots[truth], minlength=self.bins + 1)
         self._negative += np.bincount(slots[~truth], minlength=self.bins + 1)

@@ -59,7 +59,8 @@ class Progress:
         width = 24
         filled = int(width * self.done / self.total) if self.total else width
         bar = "#" * filled + "." * (width - filled)
-        return f"{self.description} [{bar}] {self.done}/{self.total} {self.postfix} {rate:.2f} it/s {elapsed_s:.0f}s"
+        counts = f"{self.done}/{self.total}"
+        return f"{self.description} [{bar}] {counts} {self.postfix} {rate:.2f} it/s {elapsed_s:.0f}s"
 
     def update(self, steps: int = 1, **figures: float) -> None:
         """Advance by ``steps``; ``figures`` (e.g. ``loss=0.31``) replace the shown ones."""

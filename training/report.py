@@ -139,6 +139,8 @@ def draw_curves(history: Sequence[Mapping[str, Any]], *, best_epoch: int | None 
     image = Image.new("RGB", (1100, 460), "white")
     draw = ImageDraw.Draw(image)
     _panel(draw, (60, 40, 520, 380), history, _LOSS_SERIES, "loss", None, best_epoch)
-    title = "validation metrics" + (f" (dashed: exported epoch {best_epoch})" if best_epoch is not None else "")
+    title = "validation metrics"
+    if best_epoch is not None:
+        title += f" (dashed: exported epoch {best_epoch})"
     _panel(draw, (620, 40, 1080, 380), history, _METRIC_SERIES, title, (0.0, 1.0), best_epoch)
     return image

@@ -1,4 +1,4 @@
-"""Run a network over labelled tiles and pool its pixel metrics: validation during training and ``evaluate``."""
+"""Run a network over labelled tiles and pool its pixel metrics (training's validation, ``evaluate``)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class Scores:
     n_tiles: int
 
     def metrics(self) -> dict[str, float]:
-        """Loss, every metric of :data:`~slidejob.training.metrics.METRIC_NAMES`, the best threshold and its Dice."""
+        """Loss, the :data:`~slidejob.training.metrics.METRIC_NAMES` metrics, best threshold and its Dice."""
         best_threshold, best_dice = self.sweep.best()
         return {
             "loss": self.loss,
@@ -116,13 +116,17 @@ def score_tiles(
     """
     module.eval()
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    trimmed = [(trim_to_multiple(image), trim_to_multiple(mask)) for image, mask in zip(tiles.images, tiles.masks)]
+    trimmed = [
+        (trim_to_multiple(image), trim_to_multiple(mask)) for image, mask in zip(tiles.images, tiles.masks)
+    ]
     for index, (image, _) in enumerate(trimmed):
         by_shape[image.shape].append(index)
     # The same arithmetic as LoadedModel.predict_proba, so evaluate scores what inference computes.
     scale, shift = normalization_affine(mean, std, device)
     autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else nullcontext()
     )
     counts = PixelCounts()
     sweep = ThresholdSweep(bins=100)

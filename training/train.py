@@ -91,7 +91,7 @@ class TrainResult:
 
 
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine decay to 1 % of the peak.
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, cosine decay to 1 % of the peak.
 
     A pure function of the step, so resuming needs no scheduler state.
 
@@ -149,7 +149,9 @@ def _check_run_dir(out_dir: Path, config: TrainConfig, resume: bool) -> None:
     run_json = out_dir / _RUN_JSON
     if resume:
         if not (out_dir / CHECKPOINT_JSON).is_file() or not run_json.is_file():
-            raise DataError(f"--resume: {out_dir} holds no checkpoint ({CHECKPOINT_JSON}, {_RUN_JSON}) to resume from")
+            raise DataError(
+                f"--resume: {out_dir} holds no checkpoint ({CHECKPOINT_JSON}, {_RUN_JSON}) to resume from"
+            )
         recorded = json.loads(run_json.read_text(encoding="utf-8"))
         wanted = config.to_dict()
         changed = sorted(k for k in wanted if k not in _RESUMABLE_CHANGES and recorded.get(k) != wanted[k])
@@ -190,7 +192,9 @@ def _make_card(
     return ModelCard(
         name=name,
         description=description,
-        architecture={"name": "unet", "config": unet.to_dict(), "receptive_radius_px": receptive_radius_px(unet)},
+        architecture={
+            "name": "unet", "config": unet.to_dict(), "receptive_radius_px": receptive_radius_px(unet)
+        },
         input_normalization={"space": "rgb_0_1", "mean": mean, "std": std},
         mpp_um=config.mpp_um,
         magnification=config.magnification,
@@ -246,16 +250,22 @@ def train_model(
     _check_run_dir(out_dir, config, resume)
     data_dir = Path(config.data_dir)
 
-    samples = discover_samples(data_dir, negative_classes=config.negative_classes, group_regex=config.group_regex)
+    samples = discover_samples(
+        data_dir, negative_classes=config.negative_classes, group_regex=config.group_regex
+    )
     train_samples, val_samples = split_by_group(samples, val_fraction=config.val_fraction, seed=config.seed)
     train_tiles = load_tiles(train_samples, mask_threshold=config.mask_threshold)
     val_tiles = load_tiles(val_samples, mask_threshold=config.mask_threshold)
     smallest = min(min(m.shape) for m in train_tiles.masks)
     if smallest < config.crop_px:
-        raise DataError(f"--crop-px {config.crop_px} is larger than the smallest training tile ({smallest} px)")
+        raise DataError(
+            f"--crop-px {config.crop_px} is larger than the smallest training tile ({smallest} px)"
+        )
     positives = train_tiles.positive_pixels()
     if positives == 0:
-        raise DataError(f"the training split of {data_dir} has no cancer pixels; check the masks and --mask-threshold")
+        raise DataError(
+            f"the training split of {data_dir} has no cancer pixels; check the masks and --mask-threshold"
+        )
     pos_weight = config.pos_weight or (train_tiles.total_pixels() - positives) / positives
     mean, std = _channel_stats(train_tiles)
     val_groups = sorted({s.group for s in val_samples})
@@ -322,7 +332,9 @@ def train_model(
                 images, masks = _batch(train_tiles, indices, config, rng)
                 x = ((images.to(device) - mean_t) / std_t).contiguous()
                 y = masks.to(device)
-                lr = lr_at(state["step"], total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=config.lr)
+                lr = lr_at(
+                    state["step"], total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=config.lr
+                )
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
@@ -341,11 +353,12 @@ def train_model(
                 loss_total += float(loss.detach())
                 bar.update(loss=loss_total / (batch_index + 1))
         scores = score_tiles(
-            model, val_tiles, mean=mean, std=std, device=device, threshold=0.5, batch_size=2 * config.batch_size,
-            loss_fn=loss_fn, autocast_dtype=autocast_dtype,
+            model, val_tiles, mean=mean, std=std, device=device, threshold=0.5,
+            batch_size=2 * config.batch_size, loss_fn=loss_fn, autocast_dtype=autocast_dtype,
         )
         metrics = scores.metrics()
-        row = {"epoch": epoch, "lr": lr, "train_loss": loss_total / steps_per_epoch, "val_loss": metrics["loss"],
+        row = {"epoch": epoch, "lr": lr, "train_loss": loss_total / steps_per_epoch,
+               "val_loss": metrics["loss"],
                **{k: v for k, v in metrics.items() if k not in ("loss", "threshold", "n_tiles", "n_pixels")},
                "seconds": round(time.monotonic() - started, 2)}
         state["history"].append(row)
