@@ -8,6 +8,19 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SLIDES = SHARED_DATA / "slides"
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # The test models are tiny: one thread is as fast, and it keeps the tests from
+    # crawling when another process holds the machine's cores (OpenMP threads
+    # spin-wait and oversubscription slows a run 10-20×).
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_slides() -> Path:
     if not SLIDES.is_dir():

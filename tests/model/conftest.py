@@ -56,16 +56,3 @@ def saved_model(tmp_path: Path) -> tuple[Path, Path, UNet]:
     weights = tmp_path / "tiny.safetensors"
     save_model(unet, _make_card(unet), weights)
     return weights.with_suffix(".json"), weights, unet
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # These models are tiny: one thread is as fast, and it keeps the tests from
-    # crawling when another process holds the machine's cores (OpenMP threads
-    # spin-wait and oversubscription slows a run 10-20×).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -71,16 +71,3 @@ def write_labelled_folder(
 def synthetic_tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A labelled folder: 8 cancer groups × 4 tiles and 2 normal groups × 4 tiles of 64×64 px."""
     return write_labelled_folder(tmp_path_factory.mktemp("synthetic") / "tiles")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # These models are tiny: one thread is as fast, and it keeps the tests from
-    # crawling when another process holds the machine's cores (OpenMP threads
-    # spin-wait and oversubscription slows a run 10-20×).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
