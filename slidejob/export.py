@@ -120,16 +120,19 @@ def _boundary_loops(fg: npt.NDArray[np.bool_]) -> list[Ring]:
         nxt[pinch] = np.where(cross_a > 0, a, b)
 
     loops: list[Ring] = []
-    seen = np.zeros(len(start), bool)
-    for e0 in range(len(start)):
+    # Plain lists: this walk visits every boundary edge of the mask once, and
+    # numpy scalar indexing would cost several times more per step.
+    following = nxt.tolist()
+    seen = bytearray(len(following))
+    for e0 in range(len(following)):
         if seen[e0]:
             continue
         cycle = []
         e = e0
         while not seen[e]:
-            seen[e] = True
+            seen[e] = 1
             cycle.append(e)
-            e = nxt[e]
+            e = following[e]
         loops.extend(_split_at_repeats(start[cycle], vid_start[cycle]))
     return loops
 
@@ -158,9 +161,14 @@ def _split_at_repeats(vertices: Ring, ids: npt.NDArray[np.int64]) -> list[Ring]:
 
 def _drop_collinear(ring: Ring) -> Ring:
     """Keep only the corners of a rectilinear ring."""
-    before = ring - np.roll(ring, 1, axis=0)
-    after = np.roll(ring, -1, axis=0) - ring
-    return ring[np.any(before != after, axis=1)]
+    # Slices, not np.roll: this runs once per ring, tens of thousands of times per slide.
+    after = np.empty_like(ring)
+    after[:-1] = ring[1:] - ring[:-1]
+    after[-1] = ring[0] - ring[-1]
+    before = np.empty_like(ring)
+    before[1:] = after[:-1]
+    before[0] = after[-1]
+    return ring[(before != after).any(axis=1)]
 
 
 def signed_area(ring: Ring) -> float:
@@ -170,7 +178,8 @@ def signed_area(ring: Ring) -> float:
     1.0
     """
     x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
-    return float((x * np.roll(y, -1) - np.roll(x, -1) * y).sum() / 2)
+    twice = float(x[:-1] @ y[1:] - x[1:] @ y[:-1]) + float(x[-1] * y[0] - x[0] * y[-1])
+    return twice / 2
 
 
 def _inside(x: float, y: float, ring: Ring) -> bool:
@@ -183,17 +192,12 @@ def _inside(x: float, y: float, ring: Ring) -> bool:
     return bool(np.count_nonzero(crosses & (xs > x)) % 2)
 
 
-def mask_polygons(fg: npt.NDArray[np.bool_]) -> list[tuple[Ring, list[Ring]]]:
-    """Polygons (shell, holes) whose union is exactly ``fg``, following pixel edges.
-
-    Coordinates are (x, y) pixel-corner positions in ``fg``'s frame.  Shells
-    are counter-clockwise and holes clockwise in (x, y) numbers; rings are
-    simple, a shell and its hole or two shells may touch at a corner.
-    """
+def _assemble(loops: Iterable[Ring]) -> list[tuple[Ring, list[Ring]]]:
+    """Group boundary loops of one region into (shell, holes) polygons, collinear vertices dropped."""
     shells: list[Ring] = []
     shell_areas: list[float] = []
     holes: list[Ring] = []
-    for loop in _boundary_loops(np.asarray(fg, bool)):
+    for loop in loops:
         area = signed_area(loop)
         if area > 0:
             shells.append(loop)
@@ -210,6 +214,35 @@ def mask_polygons(fg: npt.NDArray[np.bool_]) -> list[tuple[Ring, list[Ring]]]:
             raise AssertionError("a hole outside every shell: the boundary walk is broken")
         polygons[min(around, key=lambda i: shell_areas[i])][1].append(hole)
     return [(_drop_collinear(s), [_drop_collinear(h) for h in hs]) for s, hs in polygons]
+
+
+def mask_polygons(fg: npt.NDArray[np.bool_]) -> list[tuple[Ring, list[Ring]]]:
+    """Polygons (shell, holes) whose union is exactly ``fg``, following pixel edges.
+
+    Coordinates are (x, y) pixel-corner positions in ``fg``'s frame.  Shells
+    are counter-clockwise and holes clockwise in (x, y) numbers; rings are
+    simple, a shell and its hole or two shells may touch at a corner.
+    """
+    return _assemble(_boundary_loops(np.asarray(fg, bool)))
+
+
+def labeled_polygons(labels: npt.NDArray[np.integer]) -> dict[int, list[tuple[Ring, list[Ring]]]]:
+    """:func:`mask_polygons` of every 8-connected component of a label image, traced in one walk.
+
+    Two components never share a pixel edge or corner, so every boundary loop
+    of ``labels > 0`` belongs to one component: the one owning the pixel on the
+    left of the loop's first edge.  Tracing a region once instead of once per
+    lesion is what keeps GeoJSON export linear in the mask's boundary length.
+    """
+    by_label: dict[int, list[Ring]] = {}
+    for loop in _boundary_loops(np.asarray(labels) > 0):
+        (x0, y0), (x1, y1) = loop[0], loop[1]
+        dx, dy = x1 - x0, y1 - y0
+        # The first edge is a unit edge; its left side is (-dy, dx) in (x, y) numbers.
+        px = (2 * x0 + dx - dy) // 2
+        py = (2 * y0 + dy + dx) // 2
+        by_label.setdefault(int(labels[py, px]), []).append(loop)
+    return {label: _assemble(loops) for label, loops in by_label.items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -264,33 +297,76 @@ def _trace_level(bbox_px: tuple[int, int, int, int], max_region_px: int, n_level
     return level
 
 
+def _geometry(polygons: list[tuple[Ring, list[Ring]]], *, origin_xy: tuple[int, int], level: int,
+              height_px: int, width_px: int) -> dict[str, Any]:
+    """GeoJSON geometry of one lesion's polygons traced in a crop at ``origin_xy`` of ``level``."""
+    f = 2**level
+    out = []
+    for shell, holes in polygons:
+        rings = []
+        for ring in [shell, *holes]:
+            xy = (ring + np.array(origin_xy)) * f
+            # A coarse level's last row/column may reach past the slide (ceil-halving); cut it at the edge.
+            xy[:, 0] = np.minimum(xy[:, 0], width_px)
+            xy[:, 1] = np.minimum(xy[:, 1], height_px)
+            rings.append(np.vstack([xy, xy[:1]]).tolist())
+        out.append(rings)
+    if len(out) == 1:
+        return {"type": "Polygon", "coordinates": out[0]}
+    return {"type": "MultiPolygon", "coordinates": out}
+
+
 def lesion_geometry(
     reader: _LevelReader, lesion: Lesion, *, level: int, height_px: int, width_px: int
 ) -> dict[str, Any]:
     """GeoJSON geometry (Polygon or MultiPolygon) of one lesion, traced at ``level``, in level-0 px."""
-    y0, x0, y1, x1 = lesion.bbox_px
-    f = 2**level
-    # One pixel of margin so the crop's border is background.
-    cy0, cx0 = (y0 >> level) - 1, (x0 >> level) - 1
-    cy1, cx1 = ((y1 - 1) >> level) + 2, ((x1 - 1) >> level) + 2
-    crop = reader.region(cy0, cx0, cy1, cx1) != 0
-    labels, _ = ndimage.label(crop, structure=CONNECTIVITY_8)
-    sy, sx = lesion.first_pixel_yx
-    own = labels == labels[(sy >> level) - cy0, (sx >> level) - cx0]
-    polygons = []
-    for shell, holes in mask_polygons(own):
-        rings = []
-        for ring in [shell, *holes]:
-            xy = (ring + np.array([cx0, cy0])) * f
-            # A coarse level's last row/column may reach past the slide (ceil-halving); cut it at the edge.
-            xy[:, 0] = np.minimum(xy[:, 0], width_px)
-            xy[:, 1] = np.minimum(xy[:, 1], height_px)
-            closed = np.vstack([xy, xy[:1]])
-            rings.append(closed.tolist())
-        polygons.append(rings)
-    if len(polygons) == 1:
-        return {"type": "Polygon", "coordinates": polygons[0]}
-    return {"type": "MultiPolygon", "coordinates": polygons}
+    return lesion_geometries(reader, [lesion], level=level, height_px=height_px, width_px=width_px)[0]
+
+
+def lesion_geometries(
+    reader: _LevelReader, lesions: Sequence[Lesion], *, level: int, height_px: int, width_px: int
+) -> list[dict[str, Any]]:
+    """Geometries of several lesions traced at ``level`` from one crop around all of them.
+
+    The crop is labelled and traced once (:func:`labeled_polygons`); each
+    lesion takes the component under its first pixel.  Callers group lesions
+    that lie close together, so the crop stays small.
+    """
+    # One pixel of margin so the crop's border is background around every lesion.
+    cy0 = min(les.bbox_px[0] for les in lesions) >> level
+    cx0 = min(les.bbox_px[1] for les in lesions) >> level
+    cy1 = ((max(les.bbox_px[2] for les in lesions) - 1) >> level) + 2
+    cx1 = ((max(les.bbox_px[3] for les in lesions) - 1) >> level) + 2
+    cy0, cx0 = cy0 - 1, cx0 - 1
+    labels, _ = ndimage.label(reader.region(cy0, cx0, cy1, cx1) != 0, structure=CONNECTIVITY_8)
+    polygons = labeled_polygons(labels)
+    out = []
+    for les in lesions:
+        sy, sx = les.first_pixel_yx
+        own = int(labels[(sy >> level) - cy0, (sx >> level) - cx0])
+        out.append(
+            _geometry(polygons[own], origin_xy=(cx0, cy0), level=level, height_px=height_px, width_px=width_px)
+        )
+    return out
+
+
+#: Lesions with both bounding-box sides up to this many level-0 px are traced
+#: together, one crop per 512-px block of their top-left corners.
+_GROUP_MAX_SIDE_PX = 512
+
+
+def _trace_groups(lesions: Sequence[Lesion], max_region_px: int, n_levels: int) -> list[tuple[int, list[Lesion]]]:
+    """(level, lesions) to trace together: small lesions by block, every other lesion alone."""
+    groups: dict[tuple[int, int], list[Lesion]] = {}
+    alone: list[tuple[int, list[Lesion]]] = []
+    for les in lesions:
+        level = _trace_level(les.bbox_px, max_region_px, n_levels)
+        y0, x0, y1, x1 = les.bbox_px
+        if level == 0 and max(y1 - y0, x1 - x0) <= _GROUP_MAX_SIDE_PX:
+            groups.setdefault((y0 // _GROUP_MAX_SIDE_PX, x0 // _GROUP_MAX_SIDE_PX), []).append(les)
+        else:
+            alone.append((level, [les]))
+    return [(0, g) for g in groups.values()] + alone
 
 
 def _measurements(lesion: Lesion, mpp_um: float | None, level: int) -> dict[str, float]:
@@ -342,19 +418,23 @@ def write_geojson(
         stats = dask.compute(statistics_graph(mask_path))[0]
     root = zarr.open_group(mask_path, mode="r")
     levels = sorted((k for k in root.array_keys() if k.isdigit()), key=int)
-    readers: dict[int, _LevelReader] = {}
+    readers = {
+        level: _LevelReader(zarr.open_array(mask_path / key, mode="r")) for level, key in enumerate(levels)
+    }
     mpp_um = mask_mpp_um(dict(root.attrs))
+    geometry: dict[int, tuple[int, dict[str, Any]]] = {}
+    for level, group in _trace_groups(stats.lesions, max_region_px, len(levels)):
+        traced = lesion_geometries(readers[level], group, level=level, height_px=stats.height_px,
+                                   width_px=stats.width_px)
+        geometry.update((les.lesion_id, (level, g)) for les, g in zip(group, traced))
     features = []
     for lesion in stats.lesions:
-        level = _trace_level(lesion.bbox_px, max_region_px, len(levels))
-        reader = readers.setdefault(level, _LevelReader(zarr.open_array(mask_path / levels[level], mode="r")))
+        level, geom = geometry[lesion.lesion_id]
         features.append(
             {
                 "type": "Feature",
                 "id": f"lesion-{lesion.lesion_id}",
-                "geometry": lesion_geometry(
-                    reader, lesion, level=level, height_px=stats.height_px, width_px=stats.width_px
-                ),
+                "geometry": geom,
                 "properties": {
                     "objectType": "annotation",
                     "name": f"Lesion {lesion.lesion_id}",
