@@ -61,9 +61,12 @@ LEVEL0 = "0"
 
 IntArray = npt.NDArray[np.int64]
 
-#: Components with at most this many row-extreme corners (8 rows) skip the
-#: hull: all their corner pairs are compared in one vectorised step.
-_SMALL_CORNERS = 32
+#: Components with at most this many row-extreme corners (64 rows) skip the
+#: hull: all their corner pairs are compared in vectorised steps, by size bucket.
+_PAIRWISE_BUCKETS = (4, 8, 16, 32, 64, 128, 256)
+_PAIRWISE_CORNERS = _PAIRWISE_BUCKETS[-1]
+#: Corner pairs per vectorised step (bounds its temporary arrays to ~50 MB).
+_PAIRWISE_BLOCK = 1 << 21
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -374,25 +377,29 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
     n_corners = np.diff(bounds)
 
     diameter_sq = np.zeros(n, np.int64)
-    # Small components (most of a noisy mask) all at once: every pair of their corners.
-    # Bucketed by size (padding repeats the last corner) and blocked to bound memory.
+    # Components of up to _PAIRWISE_CORNERS corners (nearly all of a noisy mask) all at
+    # once: every pair of their corners, bucketed by size (padding repeats the last
+    # corner) and blocked to bound memory.  Only larger ones take the (Python) hull.
     lower = 0
-    for size in (4, 8, 16, _SMALL_CORNERS):
+    for size in _PAIRWISE_BUCKETS:
         bucket = np.flatnonzero((n_corners > lower) & (n_corners <= size))
         lower = size
-        for b in range(0, len(bucket), 4096):
-            sel = bucket[b : b + 4096]
+        step = max(1, _PAIRWISE_BLOCK // (size * size))
+        for b in range(0, len(bucket), step):
+            sel = bucket[b : b + step]
             pts = corners[bounds[sel, None] + np.minimum(np.arange(size), n_corners[sel, None] - 1)]
-            d = pts[:, :, None, :] - pts[:, None, :, :]
-            diameter_sq[sel] = (d * d).sum(axis=-1).max(axis=(1, 2))
+            dy = pts[:, :, None, 0] - pts[:, None, :, 0]
+            dx = pts[:, :, None, 1] - pts[:, None, :, 1]
+            diameter_sq[sel] = (dy * dy + dx * dx).max(axis=(1, 2))
     hulls: list[IntArray] = []
     hull_len = np.zeros(n, np.int64)
-    for i in np.flatnonzero(on_edge | (n_corners > _SMALL_CORNERS)):
+    for i in np.flatnonzero(on_edge | (n_corners > _PAIRWISE_CORNERS)):
         pts = corners[bounds[i] : bounds[i + 1]]
-        if n_corners[i] > _SMALL_CORNERS:
+        if n_corners[i] > _PAIRWISE_CORNERS:
             pts = convex_hull(pts)
             diameter_sq[i] = max_distance_sq(pts)
         if on_edge[i]:
+            # Any superset of the hull's vertices serves the merge, which takes the hull of the union.
             hulls.append(pts)
             hull_len[i] = len(pts)
     return ChunkPartial(
@@ -614,8 +621,8 @@ def tissue_area_from_fraction(
 ) -> float:
     """Tissue area in level-0 px: Σ fraction × chunk pixel area, clipped at the slide's edge.
 
-    >>> tissue_area_from_fraction(np.array([[1.0, 0.5]]), height_px=10, width_px=12, chunk_px=8)
-    90.0
+    >>> tissue_area_from_fraction(np.array([[1.0, 0.5]]), height_px=8, width_px=12, chunk_px=8)
+    80.0
     """
     gh, gw = tissue_fraction.shape
     rows = np.minimum(chunk_px, height_px - chunk_px * np.arange(gh))

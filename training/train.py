@@ -96,7 +96,7 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float) -> 
     A pure function of the step, so resuming needs no scheduler state.
 
     >>> [round(lr_at(s, total_steps=10, warmup_steps=2, peak_lr=1.0), 3) for s in (0, 1, 2, 9)]
-    [0.5, 1.0, 1.0, 0.04]
+    [0.5, 1.0, 1.0, 0.048]
     """
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
