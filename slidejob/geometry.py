@@ -129,6 +129,57 @@ def rect_window(rect: Rect, *, halo_px: int, shape_px: tuple[int, int]) -> Windo
     return window_for(r0 * CHUNK_PX, c0 * CHUNK_PX, r1 * CHUNK_PX, c1 * CHUNK_PX, halo_px=halo_px, shape_px=shape_px)
 
 
+def split_rect(rect: Rect, max_chunks: int) -> list[Rect]:
+    """Cut a rectangle of chunks into pieces of at most ``max_chunks`` × ``max_chunks`` chunks.
+
+    >>> split_rect((0, 0, 3, 2), 2)
+    [(0, 0, 2, 2), (2, 0, 3, 2)]
+    """
+    if max_chunks < 1:
+        raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
+    r0, c0, r1, c1 = rect
+    return [
+        (r, c, min(r + max_chunks, r1), min(c + max_chunks, c1))
+        for r in range(r0, r1, max_chunks)
+        for c in range(c0, c1, max_chunks)
+    ]
+
+
+def bounding_rect(rects: list[Rect]) -> Rect:
+    """The smallest rectangle of chunks holding all of ``rects``."""
+    return (min(r[0] for r in rects), min(r[1] for r in rects), max(r[2] for r in rects), max(r[3] for r in rects))
+
+
+def region_window(rect: Rect, *, halo_px: int, shape_px: tuple[int, int]) -> Window:
+    """A window to read once and cut the input of every forward inside ``rect`` from (:func:`cut_window`).
+
+    It reaches ``halo_px + 16`` pixels past the rectangle on every side: enough
+    for any sub-rectangle's halo and its round-up to a multiple of 8, and, at a
+    slide border, enough pixels that the reflection is the slide's own (as a
+    one-pass forward over the whole slide pads it) rather than a reflection of
+    a thin read.
+    """
+    margin = halo_px + 16
+    h, w = shape_px
+    r0, c0, r1, c1 = rect
+    y0, x0 = r0 * CHUNK_PX, c0 * CHUNK_PX
+    y1, x1 = min(r1 * CHUNK_PX, h), min(c1 * CHUNK_PX, w)
+    ry0, ry1 = max(y0 - margin, 0), min(y1 + margin, h)
+    rx0, rx1 = max(x0 - margin, 0), min(x1 + margin, w)
+    pad = (margin - (y0 - ry0), margin - (ry1 - y1), margin - (x0 - rx0), margin - (rx1 - x1))
+    return Window(y0, x0, y1, x1, ry0, rx0, ry1, rx1, pad)
+
+
+def cut_window(region: npt.NDArray[np.uint8], region_win: Window, win: Window) -> npt.NDArray[np.uint8]:
+    """The padded input of ``win`` from the padded pixels of an enclosing :func:`region_window`."""
+    oy = (win.read_y0 - win.pad[0]) - (region_win.read_y0 - region_win.pad[0])
+    ox = (win.read_x0 - win.pad[2]) - (region_win.read_x0 - region_win.pad[2])
+    h, w = win.input_shape
+    if oy < 0 or ox < 0 or oy + h > region.shape[0] or ox + w > region.shape[1]:
+        raise ValueError(f"window {win} does not lie inside region {region_win}")
+    return region[oy : oy + h, ox : ox + w]
+
+
 def pad_window(pixels: npt.NDArray[np.uint8], pad: tuple[int, int, int, int]) -> npt.NDArray[np.uint8]:
     """Reflect-pad an (H, W, C) window; an axis of one pixel is repeated (reflect needs two).
 
