@@ -228,7 +228,9 @@ Exit status: 0 when every slide succeeded, 1 when any failed (the others still r
 @click.option("--halo-px", type=click.IntRange(0, 512), default=None,
               help="Context around each inferred block, a multiple of 8 (default: the model's receptive radius).")
 @click.option("--infer-block-chunks", "block_chunks", type=click.IntRange(1, 16), default=None,
-              help="Chunks per side of one inference block (default 4).")
+              help="Chunks per side of one inference task's block (default 4).")
+@click.option("--forward-chunks", type=click.IntRange(1, 16), default=None,
+              help="Chunks per side of one forward at most (default 1 on CPU, 4 on GPU).")
 @click.option("--infer-batch-size", "batch_size", type=click.IntRange(1, 256), default=None,
               help="Inputs per forward (default 1 on CPU, 8 on GPU).")
 @click.option("--save-probabilities", is_flag=True, help="Also write probability.ome.zarr (uint8).")
@@ -254,6 +256,7 @@ def run(
     device: str,
     halo_px: int | None,
     block_chunks: int | None,
+    forward_chunks: int | None,
     batch_size: int | None,
     save_probabilities: bool,
     keep_tiles: bool,
@@ -280,7 +283,7 @@ def run(
         click.echo(f"dashboard: {client.dashboard_link}", err=True)
         result = run_batch(
             list(inputs), out_dir, weights=weights, threshold=threshold, precision=precision, device=device,
-            halo_px=halo_px, block_chunks=block_chunks, batch_size=batch_size,
+            halo_px=halo_px, block_chunks=block_chunks, forward_chunks=forward_chunks, batch_size=batch_size,
             save_probabilities=save_probabilities, mpp_um=mpp_um, min_tissue_fraction=min_tissue_fraction,
             all_tissue=all_tissue, keep_tiles=keep_tiles, force=force,
         )

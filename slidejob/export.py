@@ -350,6 +350,35 @@ def lesion_geometries(
     return out
 
 
+def interior_outlines(
+    mask: npt.NDArray[np.uint8], y0: int, x0: int, *, height_px: int, width_px: int
+) -> dict[int, str]:
+    """GeoJSON geometry text of every lesion of a mask block that touches none of the block's borders.
+
+    Such a lesion is whole (nothing outside the block joins it), so it can be
+    traced while the block is in memory, on a worker (see
+    :func:`slidejob.infer.infer_blocks`).  Keys are the raster index
+    ``row * width_px + col`` of the lesion's first pixel in level-0 px, which
+    is also how :func:`write_geojson` finds it (``Lesion.first_pixel_yx``).
+    """
+    labels, n = ndimage.label(np.asarray(mask) != 0, structure=CONNECTIVITY_8)
+    if n == 0:
+        return {}
+    keep = np.ones(n + 1, bool)
+    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+        keep[edge] = False
+    keep[0] = False
+    labels = np.where(keep[labels], labels, 0)
+    out: dict[int, str] = {}
+    for polygons in labeled_polygons(labels).values():
+        # The first pixel in raster order has its top-left corner at the smallest (y, x) shell vertex.
+        corners = np.concatenate([shell for shell, _ in polygons])
+        fy, fx = min(zip(corners[:, 1].tolist(), corners[:, 0].tolist()))
+        geometry = _geometry(polygons, origin_xy=(x0, y0), level=0, height_px=height_px, width_px=width_px)
+        out[(fy + y0) * width_px + fx + x0] = json.dumps(geometry, separators=(",", ":"))
+    return out
+
+
 #: Lesions with both bounding-box sides up to this many level-0 px are traced
 #: together, one crop per 512-px block of their top-left corners.
 _GROUP_MAX_SIDE_PX = 512
@@ -390,6 +419,7 @@ def write_geojson(
     *,
     stats: SlideStats | None = None,
     max_region_px: int = MAX_REGION_PX,
+    outlines: Mapping[int, str] | None = None,
 ) -> int:
     """Write the lesions of a mask store as a QuPath-importable GeoJSON FeatureCollection.
 
@@ -405,6 +435,9 @@ def write_geojson(
     max_region_px
         Lesions with a larger bounding box (level-0 px) are traced at the
         finest pyramid level where it fits (see the module docs).
+    outlines
+        Geometry text already traced for some lesions (:func:`interior_outlines`),
+        keyed by the raster index of their first pixel; the rest are traced here.
 
     Returns
     -------
@@ -422,31 +455,37 @@ def write_geojson(
         level: _LevelReader(zarr.open_array(mask_path / key, mode="r")) for level, key in enumerate(levels)
     }
     mpp_um = mask_mpp_um(dict(root.attrs))
-    geometry: dict[int, tuple[int, dict[str, Any]]] = {}
-    for level, group in _trace_groups(stats.lesions, max_region_px, len(levels)):
+    outlines = outlines or {}
+    done: dict[int, tuple[int, str]] = {}
+    todo = []
+    for lesion in stats.lesions:
+        fy, fx = lesion.first_pixel_yx
+        text = outlines.get(fy * stats.width_px + fx)
+        if text is None:
+            todo.append(lesion)
+        else:
+            done[lesion.lesion_id] = (0, text)
+    for level, group in _trace_groups(todo, max_region_px, len(levels)):
         traced = lesion_geometries(readers[level], group, level=level, height_px=stats.height_px,
                                    width_px=stats.width_px)
-        geometry.update((les.lesion_id, (level, g)) for les, g in zip(group, traced))
+        done.update((les.lesion_id, (level, json.dumps(g, separators=(",", ":")))) for les, g in zip(group, traced))
+    # The features are joined as text: geometry traced on workers arrives as JSON already.
     features = []
     for lesion in stats.lesions:
-        level, geom = geometry[lesion.lesion_id]
+        level, geometry_text = done[lesion.lesion_id]
+        properties = {
+            "objectType": "annotation",
+            "name": f"Lesion {lesion.lesion_id}",
+            "classification": {"name": "Tumor", "color": list(TUMOR_RGB)},
+            "isLocked": False,
+            "measurements": _measurements(lesion, mpp_um, level),
+        }
         features.append(
-            {
-                "type": "Feature",
-                "id": f"lesion-{lesion.lesion_id}",
-                "geometry": geom,
-                "properties": {
-                    "objectType": "annotation",
-                    "name": f"Lesion {lesion.lesion_id}",
-                    "classification": {"name": "Tumor", "color": list(TUMOR_RGB)},
-                    "isLocked": False,
-                    "measurements": _measurements(lesion, mpp_um, level),
-                },
-            }
+            f'{{"type":"Feature","id":"lesion-{lesion.lesion_id}","geometry":{geometry_text},'
+            f'"properties":{json.dumps(properties, separators=(",", ":"), ensure_ascii=False)}}}'
         )
     collection = {
         "type": "FeatureCollection",
-        "features": features,
         # A foreign member (RFC 7946 §6.1): readers that do not know it ignore it.
         "slidejob": {
             "version": __version__,
@@ -458,7 +497,8 @@ def write_geojson(
             "mpp_um": mpp_um,
         },
     }
-    _write_text_atomic(Path(out_path), json.dumps(collection, separators=(",", ":")))
+    head = json.dumps(collection, separators=(",", ":"), ensure_ascii=False)[:-1]
+    _write_text_atomic(Path(out_path), head + ',"features":[' + ",".join(features) + "]}")
     return len(features)
 
 

@@ -404,37 +404,38 @@ def inference_tasks(
     halo_px: int,
     threshold: float,
     block_chunks: int,
+    forward_chunks: int,
     batch_size: int,
     blocks_per_task: int,
     gpu: bool,
     clip_to_tissue: bool = True,
 ) -> list[Any]:
-    """Delayed inference tasks: each covers ``blocks_per_task`` blocks, inferring only their tissue rectangles."""
-    groups: list[list[geometry.Rect]] = []
-    current: list[geometry.Rect] = []
-    n_blocks = 0
+    """Delayed inference tasks, each computing to an :class:`slidejob.infer.BlockResult`.
+
+    A task covers ``blocks_per_task`` blocks of ``block_chunks``² chunks and
+    infers only their tissue rectangles, in forwards of at most ``forward_chunks``².
+    """
+    groups: list[list[list[geometry.Rect]]] = [[]]
     for by, bx, sub in block_slices(grid, block_chunks):
-        current.extend((by + r0, bx + c0, by + r1, bx + c1) for r0, c0, r1, c1 in geometry.tissue_rectangles(sub))
-        n_blocks += 1
-        if n_blocks == blocks_per_task:
-            groups.append(current)
-            current, n_blocks = [], 0
-    if current:
-        groups.append(current)
+        if len(groups[-1]) == blocks_per_task:
+            groups.append([])
+        groups[-1].append([(by + r0, bx + c0, by + r1, bx + c1) for r0, c0, r1, c1 in geometry.tissue_rectangles(sub)])
     with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
         return [
-            dask.delayed(infer.infer_rects, pure=False)(
+            dask.delayed(infer.infer_blocks, pure=False)(
                 spec,
                 str(tiles_path),
                 str(mask_path),
                 str(prob_path) if prob_path else None,
-                rects,
+                blocks,
                 halo_px=halo_px,
                 threshold=threshold,
                 batch_size=batch_size,
+                forward_chunks=forward_chunks,
                 clip_to_tissue=clip_to_tissue,
             )
-            for rects in groups
+            for blocks in groups
+            if blocks
         ]
 
 
@@ -567,6 +568,7 @@ class RunParameters:
     precision: str
     halo_px: int
     block_chunks: int
+    forward_chunks: int
     min_tissue_fraction: float
     all_tissue: bool
     mpp_um_override: float | None
@@ -594,6 +596,7 @@ def run_batch(
     device: str = "auto",
     halo_px: int | None = None,
     block_chunks: int | None = None,
+    forward_chunks: int | None = None,
     batch_size: int | None = None,
     save_probabilities: bool = False,
     mpp_um: float | None = None,
@@ -627,7 +630,9 @@ def run_batch(
     halo_px
         Context around each inferred rectangle; the receptive radius rounded up to 8 when None.
     block_chunks
-        Chunks per side of an inference block.
+        Chunks per side of an inference block (what one task reads, writes and reduces).
+    forward_chunks
+        Chunks per side of one forward at most (default: 1 on CPU, 4 on GPU workers).
     batch_size
         Same-shaped inputs per forward (default: 1 on CPU, 8 on GPU workers).
     save_probabilities
@@ -665,6 +670,7 @@ def run_batch(
         precision=precision,
         halo_px=geometry.halo_for(card.receptive_radius_px, halo_px),
         block_chunks=int(config.get("run.block-chunks", block_chunks)),
+        forward_chunks=int(config.get("run.forward-chunks-gpu" if gpu else "run.forward-chunks", forward_chunks)),
         min_tissue_fraction=float(config.get("tile.min-tissue-fraction", min_tissue_fraction)),
         all_tissue=all_tissue,
         mpp_um_override=mpp_um,
@@ -791,10 +797,11 @@ def _run_one(
             tasks = inference_tasks(
                 tr.grid, spec=spec, tiles_path=tiles, mask_path=mask_tmp, prob_path=prob_tmp,
                 halo_px=params.halo_px, threshold=params.threshold, block_chunks=params.block_chunks,
-                batch_size=batch_size, blocks_per_task=blocks_per_task, gpu=gpu,
-                clip_to_tissue=params.clip_to_tissue,
+                forward_chunks=params.forward_chunks, batch_size=batch_size, blocks_per_task=blocks_per_task,
+                gpu=gpu, clip_to_tissue=params.clip_to_tissue,
             )
-            n_written = sum(dask.compute(*tasks))
+            results: list[infer.BlockResult] = list(dask.compute(*tasks))
+            n_written = sum(r.chunks_written for r in results)
             timings["infer"] = time.perf_counter() - t
             t = time.perf_counter()
             build_pyramid(mask_tmp, tr.grid, reducer="max")
@@ -806,10 +813,14 @@ def _run_one(
             manifest["outputs"]["probability"] = maskstore.PROBABILITY_NAME
         t = time.perf_counter()
         mask_path = slide_dir / maskstore.MASK_NAME
-        slide_stats = dask.compute(stats.statistics_graph(mask_path))[0]
+        # The tasks reduced every mask chunk and traced the lesions inside their blocks
+        # while the mask was in memory: no second pass over the store.
+        slide_stats = stats.statistics_from_partials(mask_path, [p for r in results for p in r.partials])
         export.write_overlay_png(tr.thumbnail, tr.thumbnail_downsample_yx, tr.tissue_mask, mask_path,
                                  slide_dir / export.OVERLAY_NAME)
-        export.write_geojson(mask_path, slide_dir / export.GEOJSON_NAME, stats=slide_stats)
+        outlines = {k: v for r in results for k, v in r.outlines.items()}
+        del results
+        export.write_geojson(mask_path, slide_dir / export.GEOJSON_NAME, stats=slide_stats, outlines=outlines)
         timings["statistics"] = time.perf_counter() - t
         manifest["outputs"].update(
             {"stats": export.STATS_NAME, "overlay": export.OVERLAY_NAME, "geojson": export.GEOJSON_NAME}

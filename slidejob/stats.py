@@ -689,6 +689,26 @@ def statistics_graph(mask_path: Path) -> Delayed:
     dask.delayed.Delayed
         Computes to a :class:`SlideStats`.
     """
+    facts = _store_facts(mask_path)
+    partials = [
+        dask.delayed(chunk_partial, pure=False)(str(mask_path), cy, cx)
+        for cy, cx in present_chunks(mask_path)
+    ]
+    return dask.delayed(merge_partials, pure=False)(partials, **facts)
+
+
+def statistics_from_partials(mask_path: Path, partials: Sequence[ChunkPartial]) -> SlideStats:
+    """The statistics of a mask store from partials made where its chunks were made.
+
+    :func:`slidejob.infer.infer_blocks` reduces each mask chunk while it is
+    in memory; this merges them with the store's size, µm/px and tissue area,
+    giving what :func:`statistics_graph` would compute by reading the store.
+    """
+    return merge_partials(partials, **_store_facts(Path(mask_path)))
+
+
+def _store_facts(mask_path: Path) -> dict[str, Any]:
+    """Size, µm/px and tissue area of a mask store: the keywords of :func:`merge_partials`."""
     mask_path = Path(mask_path)
     try:
         root = zarr.open_group(mask_path, mode="r")
@@ -704,15 +724,9 @@ def statistics_graph(mask_path: Path) -> Delayed:
         if (mask_path / TISSUE_FRACTION).is_dir()
         else np.zeros((0, 0), np.float32)
     )
-    tissue_px = tissue_area_from_fraction(tissue, height_px=height_px, width_px=width_px, chunk_px=chunk_px)
-    partials = [
-        dask.delayed(chunk_partial, pure=False)(str(mask_path), cy, cx)
-        for cy, cx in present_chunks(mask_path)
-    ]
-    return dask.delayed(merge_partials, pure=False)(
-        partials,
-        height_px=int(height_px),
-        width_px=int(width_px),
-        mpp_um=mask_mpp_um(dict(root.attrs)),
-        tissue_area_px=tissue_px,
-    )
+    return {
+        "height_px": int(height_px),
+        "width_px": int(width_px),
+        "mpp_um": mask_mpp_um(dict(root.attrs)),
+        "tissue_area_px": tissue_area_from_fraction(tissue, height_px=height_px, width_px=width_px, chunk_px=chunk_px),
+    }

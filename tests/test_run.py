@@ -9,12 +9,13 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import zarr
-from slidejob.model import load_model
 
-from slidejob import chunkstore, infer
+from slidejob import chunkstore, export, infer, stats
+from slidejob.model import load_model
 from slidejob.pipeline import run_batch, slide_id_for
 from slidejob.synthetic import write_slide
 from slidejob.wsi import open_slide
@@ -58,6 +59,42 @@ def test_stitched_mask_equals_one_pass(tiny_model: Path, all_tissue_slide, tmp_p
     assert stitched.shape == reference.shape
     assert (stitched != reference).mean() <= 0.001
     assert _dice(stitched, all_tissue_slide.cancer_mask()) > 0.9
+
+
+@pytest.mark.parametrize(("block_chunks", "forward_chunks"), [(4, 1), (2, 2), (3, 2)])
+def test_blocks_and_forward_pieces_do_not_change_the_mask(
+    tiny_model: Path, all_tissue_slide, tmp_path: Path, block_chunks: int, forward_chunks: int
+) -> None:
+    # A block is read once and cut into forwards; ragged pieces (3 chunks in forwards of 2) included.
+    outcome = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model, precision="fp32",
+                        block_chunks=block_chunks, forward_chunks=forward_chunks).outcomes[0]
+    assert outcome.status == "ok", outcome.error
+    assert outcome.manifest["parameters"]["forward_chunks"] == forward_chunks
+    reference = (_one_pass(tiny_model, all_tissue_slide.path, 56) >= 0.5).astype(np.uint8)
+    assert (_mask(outcome) != reference).mean() <= 0.001
+
+
+def test_statistics_and_outlines_made_in_the_tasks_equal_a_pass_over_the_mask(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # Many small lesions inside blocks and some across block borders: the fused path
+    # (partials and outlines from the inference tasks) must equal reading the store afresh.
+    slide = write_slide(tmp_path / "s.tif", 1536, 2048, tissue_boxes=[(0, 0, 1536, 2048)],
+                        cancer_boxes=[(100, 100, 300, 250), (480, 480, 560, 560), (900, 1000, 1100, 1030),
+                                      (1200, 1500, 1300, 1600), (20, 1000, 60, 1040)],
+                        compression="zlib")
+    outcome = run_batch([slide.path], tmp_path / "out", weights=tiny_model, block_chunks=2).outcomes[0]
+    assert outcome.status == "ok", outcome.error
+    mask_path = outcome.out_dir / "mask.ome.zarr"
+    fresh = dask.compute(stats.statistics_graph(mask_path))[0]
+    doc = json.loads((outcome.out_dir / "stats.json").read_text())
+    assert doc["slide"]["lesion_count"] == fresh.lesion_count >= 5
+    assert [les["area_px"] for les in doc["lesions"]] == [les.area_px for les in fresh.lesions]
+    assert [les["diameter_px"] for les in doc["lesions"]] == [les.diameter_px for les in fresh.lesions]
+    export.write_geojson(mask_path, tmp_path / "fresh.geojson", stats=fresh)
+    fused = json.loads((outcome.out_dir / "lesions.geojson").read_text())["features"]
+    again = json.loads((tmp_path / "fresh.geojson").read_text())["features"]
+    assert fused == again
 
 
 def test_naive_tiles_show_seams_that_the_halo_removes(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
