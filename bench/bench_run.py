@@ -47,6 +47,7 @@ def make_slide(workdir: Path, side_px: int, tissue: str) -> Path:
 def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0) -> dict:
     """Forward of in-memory 512² tiles: `threads` parallel forwards of one torch thread each."""
     import torch
+
     from slidejob.model import best_precision, load_model
 
     precision, channels_last = best_precision("cpu")

@@ -29,9 +29,8 @@ def real_slides() -> Path:
 
 
 def _card(base_channels: int, **overrides: object) -> dict:
-    from slidejob.model import receptive_radius_px
-
     from slidejob import __version__
+    from slidejob.model import receptive_radius_px
 
     card = {
         "schema_version": 1,
@@ -65,8 +64,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A width-4 U-Net trained for a few seconds to find generated "cancer"; returns its card path."""
     import numpy as np
     import torch
-    from slidejob.model import ModelCard, UNet, save_model
 
+    from slidejob.model import ModelCard, UNet, save_model
     from slidejob.synthetic import render_block
 
     torch.manual_seed(0)

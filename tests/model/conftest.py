@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from slidejob.model import ModelCard, UNet, receptive_radius_px, save_model
 
 

@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from slidejob.model import CARD_SCHEMA_PATH, ModelCard, UNet
-from slidejob.model._schema import schema_errors
 
 from slidejob.errors import ModelError
+from slidejob.model import CARD_SCHEMA_PATH, ModelCard, UNet
+from slidejob.model._schema import schema_errors
 
 
 def test_card_round_trips_through_json(tmp_path: Path, make_card) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from slidejob.model import ModelCard, default_weights, load_model
 
 

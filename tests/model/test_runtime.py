@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from slidejob.model import best_precision, load_model
 from slidejob.model.runtime import _cpu_has_amx
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from slidejob.model import UNet, UNetConfig, receptive_radius_px
 
 

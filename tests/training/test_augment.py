@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from slidejob.training.augment import Augmentation, augment, dihedral, random_crop
 
 

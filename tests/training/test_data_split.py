@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from slidejob.errors import DataError
 from slidejob.training.data import (
     DEFAULT_GROUP_REGEX,
     discover_samples,
@@ -13,8 +15,6 @@ from slidejob.training.data import (
     load_tiles,
     split_by_group,
 )
-
-from slidejob.errors import DataError
 
 EBHI = Path(__file__).resolve().parents[3] / "shared" / "data" / "annotated" / "ebhi-seg"
 

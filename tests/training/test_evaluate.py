@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from slidejob.training.config import TrainConfig
 from slidejob.training.evaluate import evaluate_model, format_table
 from slidejob.training.train import TrainResult, train_model

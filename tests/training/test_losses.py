@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from slidejob.training.config import LOSSES
 from slidejob.training.losses import make_loss, soft_dice_loss
 

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from slidejob.training.metrics import (
     PixelCounts,
     ThresholdSweep,

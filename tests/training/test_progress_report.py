@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from slidejob.training.progress import Progress
 from slidejob.training.report import draw_curves, write_history
 

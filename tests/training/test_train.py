@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from slidejob.errors import DataError, OutputExists
 from slidejob.model import ModelCard, load_model
 from slidejob.training.config import TrainConfig
 from slidejob.training.data import discover_samples, load_tiles, split_by_group
 from slidejob.training.report import HISTORY_COLUMNS
 from slidejob.training.scoring import score_tiles
 from slidejob.training.train import TrainResult, lr_at, train_model
-
-from slidejob.errors import DataError, OutputExists
 
 #: The bar the short synthetic run must clear; it reaches about 0.93.
 SYNTHETIC_DICE_BAR = 0.85
