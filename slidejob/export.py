@@ -119,22 +119,56 @@ def _boundary_loops(fg: npt.NDArray[np.bool_]) -> list[Ring]:
         cross_a = din[:, 0] * direction[a, 1] - din[:, 1] * direction[a, 0]
         nxt[pinch] = np.where(cross_a > 0, a, b)
 
+    order, bounds = _cycles(nxt)
+    vertices, ids = start[order], vid_start[order]
+    # Most loops pass each vertex once; only those through a pinch need cutting.
+    cycle_of = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    by_vertex = np.lexsort((ids, cycle_of))
+    repeat = (ids[by_vertex][1:] == ids[by_vertex][:-1]) & (cycle_of[by_vertex][1:] == cycle_of[by_vertex][:-1])
+    pinched = set(cycle_of[by_vertex][1:][repeat].tolist())
     loops: list[Ring] = []
-    # Plain lists: this walk visits every boundary edge of the mask once, and
-    # numpy scalar indexing would cost several times more per step.
-    following = nxt.tolist()
-    seen = bytearray(len(following))
-    for e0 in range(len(following)):
-        if seen[e0]:
-            continue
-        cycle = []
-        e = e0
-        while not seen[e]:
-            seen[e] = 1
-            cycle.append(e)
-            e = following[e]
-        loops.extend(_split_at_repeats(start[cycle], vid_start[cycle]))
+    for k, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        if k in pinched:
+            loops.extend(_split_at_repeats(vertices[a:b], ids[a:b]))
+        else:
+            loops.append(vertices[a:b])
     return loops
+
+
+def _cycles(nxt: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The cycles of a permutation, each in walk order from its smallest element: (order, cycle bounds).
+
+    Vectorised pointer doubling (O(n log L) for cycles up to L long) instead
+    of a Python walk over every boundary edge of a mask.
+
+    >>> order, bounds = _cycles(np.array([2, 0, 1, 4, 3]))
+    >>> order.tolist(), bounds.tolist()
+    ([0, 2, 1, 3, 4], [0, 3, 5])
+    """
+    n = len(nxt)
+    # rep[e]: the smallest element of e's cycle (a window of 2^k steps doubles each round).
+    rep = np.arange(n)
+    jump = nxt.copy()
+    while True:
+        new = np.minimum(rep, rep[jump])
+        if np.array_equal(new, rep):
+            break
+        rep, jump = new, jump[jump]
+    # to_rep[e]: steps from e forward to its cycle's smallest element (list ranking).
+    is_rep = rep == np.arange(n)
+    to_rep = np.where(is_rep, 0, 1)
+    succ = np.where(is_rep, np.arange(n), nxt)
+    while True:
+        done = is_rep[succ]
+        if done.all():
+            break
+        to_rep = np.where(done, to_rep, to_rep + to_rep[succ])
+        succ = np.where(done, succ, succ[succ])
+    length = np.bincount(rep, minlength=n)[rep]
+    position = (length - to_rep) % length
+    order = np.lexsort((position, rep))
+    starts = np.flatnonzero(np.r_[True, rep[order][1:] != rep[order][:-1]])
+    return order, np.r_[starts, n].astype(np.int64)
 
 
 def _split_at_repeats(vertices: Ring, ids: npt.NDArray[np.int64]) -> list[Ring]:
