@@ -350,13 +350,6 @@ def _geometry(polygons: list[tuple[Ring, list[Ring]]], *, origin_xy: tuple[int, 
     return {"type": "MultiPolygon", "coordinates": out}
 
 
-def lesion_geometry(
-    reader: _LevelReader, lesion: Lesion, *, level: int, height_px: int, width_px: int
-) -> dict[str, Any]:
-    """GeoJSON geometry (Polygon or MultiPolygon) of one lesion, traced at ``level``, in level-0 px."""
-    return lesion_geometries(reader, [lesion], level=level, height_px=height_px, width_px=width_px)[0]
-
-
 def lesion_geometries(
     reader: _LevelReader, lesions: Sequence[Lesion], *, level: int, height_px: int, width_px: int
 ) -> list[dict[str, Any]]:
