@@ -181,10 +181,12 @@ def infer_blocks(
 
     mask_writer = ChunkWriter(Path(mask_path) / "0")
     prob_writer = ChunkWriter(Path(prob_path) / "0") if prob_path else None
-    canvases = [
-        np.zeros((min(r1 * CHUNK_PX, shape[0]) - r0 * CHUNK_PX, min(c1 * CHUNK_PX, shape[1]) - c0 * CHUNK_PX), np.uint8)
+    shapes = [
+        (min(r1 * CHUNK_PX, shape[0]) - r0 * CHUNK_PX, min(c1 * CHUNK_PX, shape[1]) - c0 * CHUNK_PX)
         for r0, c0, r1, c1 in bounds
     ]
+    masks = [np.zeros(hw, np.uint8) for hw in shapes]
+    probs8 = [np.zeros(hw, np.uint8) for hw in shapes] if prob_writer is not None else None
     for (b, win, x), p in zip(jobs, probs):
         crop = win.crop()
         kept = p[crop]
@@ -192,35 +194,26 @@ def infer_blocks(
         if clip_to_tissue:
             mask[tissue.glass_mask(x[crop])] = 0
         oy, ox = win.y0 - bounds[b][0] * CHUNK_PX, win.x0 - bounds[b][1] * CHUNK_PX
-        canvases[b][oy : oy + mask.shape[0], ox : ox + mask.shape[1]] = mask
-        if prob_writer is not None:
-            prob8 = np.round(kept * 255).astype(np.uint8)
-            for (r, c), ys, xs in _chunks_of(win):
-                prob_writer.write((r, c), prob8[ys, xs])
+        kept_rows, kept_cols = slice(oy, oy + mask.shape[0]), slice(ox, ox + mask.shape[1])
+        masks[b][kept_rows, kept_cols] = mask
+        if probs8 is not None:
+            probs8[b][kept_rows, kept_cols] = np.round(kept * 255).astype(np.uint8)
     partials: list[stats.ChunkPartial] = []
     outlines: dict[int, str] = {}
-    for rects, bound, canvas in zip(blocks, bounds, canvases):
+    for b, (rects, bound) in enumerate(zip(blocks, bounds)):
         by, bx = bound[0] * CHUNK_PX, bound[1] * CHUNK_PX
         for r0, c0, r1, c1 in rects:
             for r in range(r0, r1):
                 for c in range(c0, c1):
-                    oy, ox = r * CHUNK_PX - by, c * CHUNK_PX - bx
-                    chunk = canvas[oy : oy + CHUNK_PX, ox : ox + CHUNK_PX]
+                    rows = slice(r * CHUNK_PX - by, (r + 1) * CHUNK_PX - by)
+                    cols = slice(c * CHUNK_PX - bx, (c + 1) * CHUNK_PX - bx)
+                    chunk = masks[b][rows, cols]
                     mask_writer.write((r, c), chunk)
+                    if prob_writer is not None and probs8 is not None:
+                        prob_writer.write((r, c), probs8[b][rows, cols])
                     partials.append(stats.partial_from_array(chunk, r * CHUNK_PX, c * CHUNK_PX))
-        outlines.update(export.interior_outlines(canvas, by, bx, height_px=shape[0], width_px=shape[1]))
+        outlines.update(export.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1]))
     return BlockResult(len(partials), partials, outlines)
-
-
-def _chunks_of(win: geometry.Window) -> list[tuple[tuple[int, int], slice, slice]]:
-    """The chunks a window keeps: (chunk index, rows, cols) within its kept rectangle."""
-    out = []
-    for y in range(win.y0, win.y1, CHUNK_PX):
-        for x in range(win.x0, win.x1, CHUNK_PX):
-            ys = slice(y - win.y0, min(y + CHUNK_PX, win.y1) - win.y0)
-            xs = slice(x - win.x0, min(x + CHUNK_PX, win.x1) - win.x0)
-            out.append(((y // CHUNK_PX, x // CHUNK_PX), ys, xs))
-    return out
 
 
 def predict_one_pass(model: Any, image: npt.NDArray[np.uint8], halo_px: int) -> npt.NDArray[np.float32]:

@@ -435,11 +435,10 @@ def inference_tasks(
     A task covers ``blocks_per_task`` blocks of ``block_chunks``² chunks and
     infers only their tissue rectangles, in forwards of at most ``forward_chunks``².
     """
-    groups: list[list[list[geometry.Rect]]] = [[]]
-    for by, bx, sub in block_slices(grid, block_chunks):
-        if len(groups[-1]) == blocks_per_task:
-            groups.append([])
-        groups[-1].append([(by + r0, bx + c0, by + r1, bx + c1) for r0, c0, r1, c1 in geometry.tissue_rectangles(sub)])
+    blocks = [
+        [(by + r0, bx + c0, by + r1, bx + c1) for r0, c0, r1, c1 in geometry.tissue_rectangles(sub)]
+        for by, bx, sub in block_slices(grid, block_chunks)
+    ]
     with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
         return [
             dask.delayed(infer.infer_blocks, pure=False)(
@@ -447,15 +446,14 @@ def inference_tasks(
                 str(tiles_path),
                 str(mask_path),
                 str(prob_path) if prob_path else None,
-                blocks,
+                blocks[i : i + blocks_per_task],
                 halo_px=halo_px,
                 threshold=threshold,
                 batch_size=batch_size,
                 forward_chunks=forward_chunks,
                 clip_to_tissue=clip_to_tissue,
             )
-            for blocks in groups
-            if blocks
+            for i in range(0, len(blocks), blocks_per_task)
         ]
 
 
