@@ -233,6 +233,8 @@ Exit status: 0 when every slide succeeded, 1 when any failed (the others still r
               help="Chunks per side of one forward at most (default 1 on CPU, 4 on GPU).")
 @click.option("--infer-batch-size", "batch_size", type=click.IntRange(1, 256), default=None,
               help="Inputs per forward (default 1 on CPU, 8 on GPU).")
+@click.option("--min-lesion-area", "min_lesion_area_um2", type=click.FloatRange(min=0), default=None,
+              help="Remove lesions smaller than this many µm² (default 200; 0 keeps all).")
 @click.option("--save-probabilities", is_flag=True, help="Also write probability.ome.zarr (uint8).")
 @click.option("--keep-tiles", is_flag=True, help="Keep each slide's tiles.zarr.")
 @click.option("--force", is_flag=True, help="Redo slides already done with the same inputs.")
@@ -258,6 +260,7 @@ def run(
     block_chunks: int | None,
     forward_chunks: int | None,
     batch_size: int | None,
+    min_lesion_area_um2: float | None,
     save_probabilities: bool,
     keep_tiles: bool,
     force: bool,
@@ -285,7 +288,7 @@ def run(
             list(inputs), out_dir, weights=weights, threshold=threshold, precision=precision, device=device,
             halo_px=halo_px, block_chunks=block_chunks, forward_chunks=forward_chunks, batch_size=batch_size,
             save_probabilities=save_probabilities, mpp_um=mpp_um, min_tissue_fraction=min_tissue_fraction,
-            all_tissue=all_tissue, keep_tiles=keep_tiles, force=force,
+            all_tissue=all_tissue, min_lesion_area_um2=min_lesion_area_um2, keep_tiles=keep_tiles, force=force,
         )
     for o in result.outcomes:
         click.echo(f"{o.status:8s} {o.slide_id}  {o.source}" + (f"  ({o.error})" if o.error else ""))

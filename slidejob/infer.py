@@ -129,6 +129,9 @@ class BlockResult:
     #: GeoJSON geometry text of every lesion that lies wholly inside one block,
     #: keyed by the raster index (``row * width + col``) of its first pixel
     outlines: dict[int, str]
+    #: lesions below the minimum area removed inside the blocks (those touching a
+    #: block border are left to the merge: see :func:`slidejob.stats.drop_small_lesions`)
+    small_removed: int = 0
 
 
 def infer_blocks(
@@ -143,6 +146,7 @@ def infer_blocks(
     batch_size: int,
     forward_chunks: int,
     clip_to_tissue: bool = True,
+    min_area_px: int = 0,
 ) -> BlockResult:
     """Infer the tissue rectangles of some blocks and write their mask (and probability) chunks.
 
@@ -154,6 +158,8 @@ def infer_blocks(
 
     With ``clip_to_tissue``, cancer calls on bare glass (:func:`slidejob.tissue.glass_mask`
     of the pixels themselves) are set to 0; probabilities are written as the model gave them.
+    Lesions of fewer than ``min_area_px`` pixels that lie inside a block are
+    removed before anything is written (:func:`slidejob.stats.remove_small_interior`).
 
     While a block's mask is in memory the task also reduces it for the
     statistics (one :class:`~slidejob.stats.ChunkPartial` per chunk) and
@@ -200,8 +206,10 @@ def infer_blocks(
             probs8[b][kept_rows, kept_cols] = np.round(kept * 255).astype(np.uint8)
     partials: list[stats.ChunkPartial] = []
     outlines: dict[int, str] = {}
+    small_removed = 0
     for b, (rects, bound) in enumerate(zip(blocks, bounds)):
         by, bx = bound[0] * CHUNK_PX, bound[1] * CHUNK_PX
+        small_removed += stats.remove_small_interior(masks[b], min_area_px)
         for r0, c0, r1, c1 in rects:
             for r in range(r0, r1):
                 for c in range(c0, c1):
@@ -213,7 +221,7 @@ def infer_blocks(
                         prob_writer.write((r, c), probs8[b][rows, cols])
                     partials.append(stats.partial_from_array(chunk, r * CHUNK_PX, c * CHUNK_PX))
         outlines.update(export.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1]))
-    return BlockResult(len(partials), partials, outlines)
+    return BlockResult(len(partials), partials, outlines, small_removed)
 
 
 def predict_one_pass(model: Any, image: npt.NDArray[np.uint8], halo_px: int) -> npt.NDArray[np.float32]:

@@ -17,6 +17,7 @@ Any OME-Zarr 0.5 reader (ome-zarr-py, napari-ome-zarr) opens it without slidejob
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy.typing as npt
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from slidejob.chunkstore import CHUNK_PX
+from slidejob.chunkstore import CHUNK_PX, ChunkWriter
 
 NGFF_VERSION = "0.5"
 MASK_NAME = "mask.ome.zarr"
@@ -142,3 +143,68 @@ def downsample_mean(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         block = np.pad(block, ((0, ph), (0, pw)), mode="edge")
     f = block.reshape(block.shape[0] // 2, 2, block.shape[1] // 2, 2).astype(np.float32).mean(axis=(1, 3))
     return np.round(f).astype(np.uint8)
+
+
+def erase_components(
+    path: Path, components: Sequence[tuple[tuple[int, int, int, int], tuple[int, int]]]
+) -> int:
+    """Set 8-connected components of level 0 to 0, each given by its bounding box and one of its pixels.
+
+    ``components`` holds ``(bbox_px (y0, x0, y1, x1), (row, col))`` pairs, as
+    :class:`slidejob.stats.Lesion` has them.  A component lies within its
+    bounding box and is connected there, so labelling that crop finds all of it.
+    Each chunk concerned is read and rewritten once; components are taken in
+    order of their top rows and chunks above the current one are written out as
+    the sweep passes them, so memory holds a band of chunks, not the slide.
+    Returns the chunks rewritten.
+    """
+    from scipy import ndimage
+
+    level0 = Path(path) / "0"
+    array = zarr.open_array(level0, mode="r")
+    writer = ChunkWriter(level0)
+    height_px, width_px = (int(n) for n in array.shape)
+    band: dict[tuple[int, int], npt.NDArray[np.uint8]] = {}
+    dirty: set[tuple[int, int]] = set()
+
+    def flush(below_row: int) -> int:
+        written = 0
+        for key in [key for key in band if key[0] < below_row]:
+            chunk = band.pop(key)
+            if key in dirty:
+                writer.write(key, chunk)
+                dirty.discard(key)
+                written += 1
+        return written
+
+    def overlaps(
+        y0: int, x0: int, y1: int, x1: int
+    ) -> Iterator[tuple[tuple[int, int], npt.NDArray[np.uint8], tuple[slice, slice], tuple[slice, slice]]]:
+        # Per chunk under the box: its index, its pixels, the box's part of it, that part in the crop.
+        for cy in range(y0 // CHUNK_PX, -(-y1 // CHUNK_PX)):
+            for cx in range(x0 // CHUNK_PX, -(-x1 // CHUNK_PX)):
+                oy, ox = cy * CHUNK_PX, cx * CHUNK_PX
+                if (cy, cx) not in band:
+                    band[(cy, cx)] = np.array(array[oy : min(oy + CHUNK_PX, height_px),
+                                                    ox : min(ox + CHUNK_PX, width_px)])
+                chunk = band[(cy, cx)]
+                sy, sx = max(y0, oy), max(x0, ox)
+                ey, ex = min(y1, oy + chunk.shape[0]), min(x1, ox + chunk.shape[1])
+                yield ((cy, cx), chunk, (slice(sy - oy, ey - oy), slice(sx - ox, ex - ox)),
+                       (slice(sy - y0, ey - y0), slice(sx - x0, ex - x0)))
+
+    written = 0
+    for (y0, x0, y1, x1), (fy, fx) in sorted(components, key=lambda c: c[0][0]):
+        # Chunk rows wholly above this component are never needed again.
+        written += flush(y0 // CHUNK_PX)
+        crop = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        for _, chunk, in_chunk, in_crop in overlaps(y0, x0, y1, x1):
+            crop[in_crop] = chunk[in_chunk]
+        labels, _ = ndimage.label(crop != 0, structure=np.ones((3, 3), bool))  # 8-connectivity, as lesions
+        own = labels == labels[fy - y0, fx - x0]
+        for key, chunk, in_chunk, in_crop in overlaps(y0, x0, y1, x1):
+            part = own[in_crop]
+            if part.any():
+                chunk[in_chunk][part] = 0
+                dirty.add(key)
+    return written + flush(1 << 62)

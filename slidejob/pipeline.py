@@ -429,6 +429,7 @@ def inference_tasks(
     blocks_per_task: int,
     gpu: bool,
     clip_to_tissue: bool = True,
+    min_area_px: int = 0,
 ) -> list[Any]:
     """Delayed inference tasks, each computing to an :class:`slidejob.infer.BlockResult`.
 
@@ -452,6 +453,7 @@ def inference_tasks(
                 batch_size=batch_size,
                 forward_chunks=forward_chunks,
                 clip_to_tissue=clip_to_tissue,
+                min_area_px=min_area_px,
             )
             for i in range(0, len(blocks), blocks_per_task)
         ]
@@ -592,6 +594,7 @@ class RunParameters:
     mpp_um_override: float | None
     save_probabilities: bool
     clip_to_tissue: bool = True
+    min_lesion_area_um2: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -620,6 +623,7 @@ def run_batch(
     mpp_um: float | None = None,
     min_tissue_fraction: float | None = None,
     all_tissue: bool = False,
+    min_lesion_area_um2: float | None = None,
     keep_tiles: bool = False,
     force: bool = False,
 ) -> BatchResult:
@@ -657,6 +661,10 @@ def run_batch(
         Also write ``probability.ome.zarr`` (uint8, probability × 255).
     mpp_um, min_tissue_fraction, all_tissue
         As for :func:`tile_slide`.
+    min_lesion_area_um2
+        Lesions below this area are removed from mask, statistics and GeoJSON
+        (config ``run.min-lesion-area-um2`` when None; 0 keeps all; not applied
+        to slides without µm/px).
     keep_tiles
         Keep each slide's ``tiles.zarr`` after its mask is written.
     force
@@ -693,6 +701,7 @@ def run_batch(
         all_tissue=all_tissue,
         mpp_um_override=mpp_um,
         save_probabilities=save_probabilities,
+        min_lesion_area_um2=float(config.get("run.min-lesion-area-um2", min_lesion_area_um2)),
     )
     batch = int(batch_size or config.get("run.batch-size-gpu" if gpu else "run.batch-size"))
     blocks_per_task = int(config.get("run.blocks-per-task-gpu")) if gpu else 1
@@ -794,6 +803,9 @@ def _run_one(
             "parameters": params.to_dict(),
             "slidejob_version": __version__,
         }
+        min_area_px = stats.min_area_px(params.min_lesion_area_um2, info.mpp_um)
+        if params.min_lesion_area_um2 > 0 and info.mpp_um is None:
+            logger.warning("%s: µm/px unknown: lesions of any size kept (--mpp sets it)", path)
         t = time.perf_counter()
         with contextlib.ExitStack() as stack:
             mask_tmp = stack.enter_context(
@@ -816,11 +828,25 @@ def _run_one(
                 tr.grid, spec=spec, tiles_path=tiles, mask_path=mask_tmp, prob_path=prob_tmp,
                 halo_px=params.halo_px, threshold=params.threshold, block_chunks=params.block_chunks,
                 forward_chunks=params.forward_chunks, batch_size=batch_size, blocks_per_task=blocks_per_task,
-                gpu=gpu, clip_to_tissue=params.clip_to_tissue,
+                gpu=gpu, clip_to_tissue=params.clip_to_tissue, min_area_px=min_area_px,
             )
             results: list[infer.BlockResult] = list(dask.compute(*tasks))
             n_written = sum(r.chunks_written for r in results)
             timings["infer"] = time.perf_counter() - t
+            t = time.perf_counter()
+            # The tasks reduced every mask chunk and traced the lesions inside their blocks
+            # while the mask was in memory: no second pass over the store.
+            slide_stats = stats.statistics_from_partials(mask_tmp, [p for r in results for p in r.partials])
+            # Small lesions inside a block went in its task; those across block borders
+            # are known only now, and are erased before the pyramid is built from level 0.
+            slide_stats, small = stats.drop_small_lesions(slide_stats, min_area_px)
+            maskstore.erase_components(mask_tmp, [(les.bbox_px, les.first_pixel_yx) for les in small])
+            manifest["small_lesions"] = {
+                "min_area_um2": params.min_lesion_area_um2,
+                "min_area_px": min_area_px,
+                "removed": sum(r.small_removed for r in results) + len(small),
+            }
+            timings["statistics"] = time.perf_counter() - t
             t = time.perf_counter()
             build_pyramid(mask_tmp, tr.grid, reducer="max")
             if prob_tmp is not None:
@@ -831,15 +857,12 @@ def _run_one(
             manifest["outputs"]["probability"] = maskstore.PROBABILITY_NAME
         t = time.perf_counter()
         mask_path = slide_dir / maskstore.MASK_NAME
-        # The tasks reduced every mask chunk and traced the lesions inside their blocks
-        # while the mask was in memory: no second pass over the store.
-        slide_stats = stats.statistics_from_partials(mask_path, [p for r in results for p in r.partials])
         export.write_overlay_png(tr.thumbnail, tr.thumbnail_downsample_yx, tr.tissue_mask, mask_path,
                                  slide_dir / export.OVERLAY_NAME)
         outlines = {k: v for r in results for k, v in r.outlines.items()}
         del results
         export.write_geojson(mask_path, slide_dir / export.GEOJSON_NAME, stats=slide_stats, outlines=outlines)
-        timings["statistics"] = time.perf_counter() - t
+        timings["exports"] = time.perf_counter() - t
         manifest["outputs"].update(
             {"stats": export.STATS_NAME, "overlay": export.OVERLAY_NAME, "geojson": export.GEOJSON_NAME}
         )

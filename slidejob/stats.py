@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -495,23 +495,7 @@ def merge_partials(
     n_nodes = int(offset[-1])
     tissue_px = round(tissue_area_px)
     if n_nodes == 0:
-        return SlideStats(
-            height_px=height_px,
-            width_px=width_px,
-            mpp_um=mpp_um,
-            tissue_area_px=tissue_px,
-            tissue_area_mm2=_mm2(tissue_px, mpp_um),
-            cancer_area_px=0,
-            cancer_area_mm2=_mm2(0, mpp_um),
-            cancer_fraction=0.0 if tissue_px > 0 else None,
-            lesion_count=0,
-            largest_lesion_area_px=0,
-            largest_lesion_area_mm2=_mm2(0, mpp_um),
-            largest_diameter_px=0.0,
-            largest_diameter_mm=_mm(0.0, mpp_um),
-            size_category=size_category(None, 0),
-            lesions=(),
-        )
+        return _summarise([], height_px=height_px, width_px=width_px, mpp_um=mpp_um, tissue_px=tissue_px)
 
     by_top_left = {(p.y0, p.x0): i for i, p in enumerate(parts)}
     by_top_right = {(p.y0, p.x0 + p.width_px): i for i, p in enumerate(parts)}
@@ -541,7 +525,7 @@ def merge_partials(
     u = np.concatenate(src) if src else np.zeros(0, np.int64)
     v = np.concatenate(dst) if dst else np.zeros(0, np.int64)
     graph = coo_matrix((np.ones(len(u), np.int8), (u, v)), shape=(n_nodes, n_nodes))
-    n_lesions, comp = connected_components(graph, directed=False)
+    _, comp = connected_components(graph, directed=False)
 
     area = np.concatenate([p.area_px for p in parts])
     bbox = np.concatenate([p.bbox_px for p in parts])
@@ -593,9 +577,16 @@ def merge_partials(
                 first_pixel_yx=(int(l_first[k] // width_px), int(l_first[k] % width_px)),
             )
         )
-    cancer_px = int(l_area.sum())
-    largest_area = max(les.area_px for les in lesions)
-    largest_d_px = max(les.diameter_px for les in lesions)
+    return _summarise(lesions, height_px=height_px, width_px=width_px, mpp_um=mpp_um, tissue_px=tissue_px)
+
+
+def _summarise(
+    lesions: Sequence[Lesion], *, height_px: int, width_px: int, mpp_um: float | None, tissue_px: int
+) -> SlideStats:
+    """The slide's figures from its lesions (numbered 1, 2, … in raster order)."""
+    cancer_px = sum(les.area_px for les in lesions)
+    largest_area = max((les.area_px for les in lesions), default=0)
+    largest_d_px = max((les.diameter_px for les in lesions), default=0.0)
     largest_d_mm = _mm(largest_d_px, mpp_um)
     return SlideStats(
         height_px=height_px,
@@ -606,13 +597,78 @@ def merge_partials(
         cancer_area_px=cancer_px,
         cancer_area_mm2=_mm2(cancer_px, mpp_um),
         cancer_fraction=cancer_px / tissue_px if tissue_px > 0 else None,
-        lesion_count=int(n_lesions),
+        lesion_count=len(lesions),
         largest_lesion_area_px=largest_area,
         largest_lesion_area_mm2=_mm2(largest_area, mpp_um),
         largest_diameter_px=largest_d_px,
         largest_diameter_mm=largest_d_mm,
-        size_category=size_category(largest_d_mm, int(n_lesions)),
+        size_category=size_category(largest_d_mm, len(lesions)),
         lesions=tuple(lesions),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small lesions
+# --------------------------------------------------------------------------------------------------------
+
+
+def min_area_px(min_area_um2: float, mpp_um: float | None) -> int:
+    """Lesions of fewer level-0 pixels than this are below ``min_area_um2``; 0 (keep all) when µm/px is unknown.
+
+    >>> min_area_px(200, 0.5), min_area_px(200, 0.25), min_area_px(200, None), min_area_px(0, 0.5)
+    (800, 3200, 0, 0)
+    """
+    if mpp_um is None or min_area_um2 <= 0:
+        return 0
+    # area_px · mpp² < min_area_um2  ⇔  area_px < min_area_um2 / mpp²  ⇔  area_px < ceil(that), area_px integer.
+    return math.ceil(min_area_um2 / (mpp_um * mpp_um) - 1e-9)
+
+
+def remove_small_interior(mask: npt.NDArray[np.uint8], min_area_px: int) -> int:
+    """Zero, in place, the components of ``mask`` below ``min_area_px`` that touch none of its borders.
+
+    Such a component is whole, whatever lies outside ``mask``; one that
+    touches a border may be part of a larger lesion and is left for
+    :func:`drop_small_lesions` once the slide's lesions are merged.  Returns
+    how many components were removed.
+
+    >>> m = np.zeros((6, 6), np.uint8); m[1, 1] = m[0, 4] = 1; m[3:5, 3:5] = 1
+    >>> remove_small_interior(m, 2), int(m.sum())
+    (1, 5)
+    """
+    if min_area_px <= 1:
+        return 0
+    labels, n = ndimage.label(mask != 0, structure=CONNECTIVITY_8)
+    if n == 0:
+        return 0
+    drop = np.bincount(labels.ravel(), minlength=n + 1) < min_area_px
+    drop[0] = False
+    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+        drop[edge] = False
+    n_drop = int(drop.sum())
+    if n_drop:
+        mask[drop[labels]] = 0
+    return n_drop
+
+
+def drop_small_lesions(slide_stats: SlideStats, min_area_px: int) -> tuple[SlideStats, list[Lesion]]:
+    """The statistics without lesions below ``min_area_px``, renumbered; and the lesions dropped.
+
+    The caller erases the dropped lesions from the mask
+    (:func:`slidejob.maskstore.erase_components`) so that mask and
+    statistics agree.
+    """
+    small = [les for les in slide_stats.lesions if les.area_px < min_area_px]
+    if not small:
+        return slide_stats, []
+    kept = [
+        replace(les, lesion_id=rank)
+        for rank, les in enumerate((les for les in slide_stats.lesions if les.area_px >= min_area_px), start=1)
+    ]
+    s = slide_stats
+    return (
+        _summarise(kept, height_px=s.height_px, width_px=s.width_px, mpp_um=s.mpp_um, tissue_px=s.tissue_area_px),
+        small,
     )
 
 

@@ -13,8 +13,9 @@ import dask
 import numpy as np
 import pytest
 import zarr
+from scipy import ndimage
 
-from slidejob import chunkstore, export, infer, stats
+from slidejob import chunkstore, export, infer, maskstore, stats
 from slidejob.model import load_model
 from slidejob.pipeline import run_batch, slide_id_for
 from slidejob.synthetic import write_slide
@@ -30,6 +31,20 @@ def _one_pass(card: Path, slide_path: Path, halo_px: int, precision: str = "fp32
     with open_slide(slide_path) as reader:
         image = reader.read_region(0, 0, reader.info.height_px, reader.info.width_px)
     return infer.predict_one_pass(model, image, halo_px)
+
+
+def _without_small(mask: np.ndarray, min_area_px: int) -> np.ndarray:
+    """Plain scipy reference: drop 8-connected components below ``min_area_px`` from a whole mask."""
+    labels, _ = ndimage.label(mask != 0, structure=np.ones((3, 3), bool))
+    small = np.bincount(labels.ravel()) < min_area_px
+    small[0] = False
+    return np.where(small[labels], 0, mask).astype(np.uint8)
+
+
+def _reference(card: Path, slide_path: Path, outcome) -> np.ndarray:
+    """The one-pass mask with the run's own halo and minimum lesion area."""
+    one_pass = _one_pass(card, slide_path, outcome.manifest["parameters"]["halo_px"]) >= 0.5
+    return _without_small(one_pass.astype(np.uint8), outcome.manifest["small_lesions"]["min_area_px"])
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -55,7 +70,7 @@ def test_stitched_mask_equals_one_pass(tiny_model: Path, all_tissue_slide, tmp_p
     halo = outcome.manifest["parameters"]["halo_px"]
     assert halo >= 51 and halo % 8 == 0
     stitched = _mask(outcome)
-    reference = (_one_pass(tiny_model, all_tissue_slide.path, halo) >= 0.5).astype(np.uint8)
+    reference = _reference(tiny_model, all_tissue_slide.path, outcome)
     assert stitched.shape == reference.shape
     assert (stitched != reference).mean() <= 0.001
     assert _dice(stitched, all_tissue_slide.cancer_mask()) > 0.9
@@ -70,7 +85,7 @@ def test_blocks_and_forward_pieces_do_not_change_the_mask(
                         block_chunks=block_chunks, forward_chunks=forward_chunks).outcomes[0]
     assert outcome.status == "ok", outcome.error
     assert outcome.manifest["parameters"]["forward_chunks"] == forward_chunks
-    reference = (_one_pass(tiny_model, all_tissue_slide.path, 56) >= 0.5).astype(np.uint8)
+    reference = _reference(tiny_model, all_tissue_slide.path, outcome)
     assert (_mask(outcome) != reference).mean() <= 0.001
 
 
@@ -273,3 +288,40 @@ def test_worker_killed_mid_run_still_completes(tiny_model: Path, tmp_path: Path)
     outcome = done["r"].outcomes[0]
     assert outcome.status == "ok", outcome.error
     np.testing.assert_array_equal(_mask(outcome), reference)
+
+
+def test_min_lesion_area_removes_small_lesions_everywhere_and_needs_mpp(tiny_model: Path, tmp_path: Path) -> None:
+    # Lesions below the default 200 µm² (800 px at 0.5 µm/px) go from mask, statistics and
+    # GeoJSON alike; with --min-lesion-area 0 they stay.  Blocks of one chunk: many block borders.
+    slide = write_slide(tmp_path / "s.tif", 1024, 2048, tissue_boxes=[(0, 0, 1024, 2048)],
+                        cancer_boxes=[(100, 100, 400, 400), (700, 700, 724, 724), (500, 980, 524, 1004)],
+                        compression="zlib")
+    runs = {}
+    for area in (None, 0.0):
+        o = run_batch([slide.path], tmp_path / f"out-{area}", weights=tiny_model, block_chunks=1,
+                      min_lesion_area_um2=area).outcomes[0]
+        assert o.status == "ok", o.error
+        runs[area] = o
+    default, keep_all = runs[None], runs[0.0]
+    assert default.manifest["parameters"]["min_lesion_area_um2"] == 200
+    assert default.manifest["small_lesions"]["min_area_px"] == 800
+    assert keep_all.manifest["small_lesions"] == {"min_area_um2": 0.0, "min_area_px": 0, "removed": 0}
+    small_kept = [les for les in json.loads((keep_all.out_dir / "stats.json").read_text())["lesions"]
+                  if les["area_px"] < 800]
+    assert len(small_kept) >= 2  # the tiny model's speckles
+    doc = json.loads((default.out_dir / "stats.json").read_text())
+    assert min(les["area_px"] for les in doc["lesions"]) >= 800
+    assert default.manifest["small_lesions"]["removed"] == len(small_kept)
+    assert len(json.loads((default.out_dir / "lesions.geojson").read_text())["features"]) == len(doc["lesions"])
+    mask = _mask(default)
+    np.testing.assert_array_equal(mask, _without_small(_mask(keep_all), 800))
+    assert int(mask.sum()) == doc["slide"]["cancer_area_px"]
+    # The pyramid was built from the cleaned level 0.
+    level1 = zarr.open_group(default.out_dir / "mask.ome.zarr", mode="r")["1"][...]
+    np.testing.assert_array_equal(level1, maskstore.downsample_max(mask))
+
+    unknown = write_slide(tmp_path / "u.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)],
+                          cancer_boxes=[(100, 100, 124, 124)], compression="zlib", mpp_um=None)
+    o = run_batch([unknown.path], tmp_path / "out-u", weights=tiny_model).outcomes[0]
+    assert o.status == "ok", o.error
+    assert o.manifest["small_lesions"]["min_area_px"] == 0  # no µm/px: nothing is judged small

@@ -13,7 +13,7 @@ import zarr
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from slidejob import maskstore
+from slidejob import maskstore, stats
 from slidejob.stats import (
     CONNECTIVITY_8,
     merge_partials,
@@ -247,3 +247,42 @@ def test_partials_in_memory_any_chunk_size() -> None:
     ]
     stats = merge_partials(parts, height_px=61, width_px=47, mpp_um=None, tissue_area_px=61 * 47)
     assert_matches_reference(stats, mask)
+
+
+@pytest.mark.parametrize("block_px", [512, 1024])
+def test_small_lesions_removed_by_blocks_then_merge_equal_removing_them_from_the_whole_mask(
+    tmp_path: Path, block_px: int
+) -> None:
+    # How `slidejob run` removes small lesions: each task drops the small ones inside its
+    # block, the merge finds those across block borders, and they are erased from the store.
+    rng = np.random.default_rng(7)
+    mask = (ndimage.uniform_filter(rng.random((1100, 1300)), 9) > 0.52).astype(np.uint8)
+    min_px = 60
+    h, w = mask.shape
+    blocks = mask.copy()
+    removed_in_blocks = sum(
+        stats.remove_small_interior(blocks[y : y + block_px, x : x + block_px], min_px)
+        for y in range(0, h, block_px)
+        for x in range(0, w, block_px)
+    )
+    path = write_mask_store(tmp_path / "s" / "mask.ome.zarr", blocks)
+    chunks = [(y, x) for y in range(0, h, CHUNK) for x in range(0, w, CHUNK)]
+    merged = stats.statistics_from_partials(
+        path, [stats.partial_from_array(blocks[y : y + CHUNK, x : x + CHUNK], y, x) for y, x in chunks]
+    )
+    kept, small = stats.drop_small_lesions(merged, min_px)
+    rewritten = maskstore.erase_components(path, [(les.bbox_px, les.first_pixel_yx) for les in small])
+
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    too_small = np.bincount(labels.ravel()) < min_px
+    too_small[0] = False
+    expected = np.where(too_small[labels], 0, mask).astype(np.uint8)
+    assert removed_in_blocks > 1000 and len(small) > 10 and rewritten > 1  # both paths taken
+    assert removed_in_blocks + len(small) == int(too_small.sum())
+    np.testing.assert_array_equal(zarr.open_array(path / "0", mode="r")[...], expected)
+    fresh = stats.statistics_from_partials(
+        path, [stats.partial_from_array(expected[y : y + CHUNK, x : x + CHUNK], y, x) for y, x in chunks]
+    )
+    assert kept == fresh
+    assert [les.lesion_id for les in kept.lesions] == list(range(1, kept.lesion_count + 1))
+    assert min(les.area_px for les in kept.lesions) >= min_px
