@@ -64,7 +64,8 @@ def prepare_batch(
     x = torch.from_numpy(np.ascontiguousarray(batch_uint8_nhwc)).to(device)
     # NHWC memory permuted to NCHW is already channels_last in memory;
     # .contiguous() only copies when contiguous NCHW was asked for.
-    return (x.permute(0, 3, 1, 2).float() * scale + shift).contiguous(memory_format=layout)
+    # In place on the fresh float copy: one allocation instead of three (~1 ms of a 624² tile).
+    return x.permute(0, 3, 1, 2).to(torch.float32, copy=True).mul_(scale).add_(shift).contiguous(memory_format=layout)
 
 
 def normalization_tensors(

@@ -395,14 +395,22 @@ def interior_outlines(
     for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
         keep[edge] = False
     keep[0] = False
-    labels = np.where(keep[labels], labels, 0)
+    kept = keep[labels]
+    if not kept.any():
+        return {}
+    # Trace only the box around the kept lesions, with the one pixel of background every
+    # interior lesion has around it (it touches no border of the block).
+    rows, cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
+    r0, r1, c0, c1 = rows[0] - 1, rows[-1] + 2, cols[0] - 1, cols[-1] + 2
+    box = np.where(kept[r0:r1, c0:c1], labels[r0:r1, c0:c1], 0)
+    oy, ox = y0 + int(r0), x0 + int(c0)
     out: dict[int, str] = {}
-    for polygons in labeled_polygons(labels).values():
+    for polygons in labeled_polygons(box).values():
         # The first pixel in raster order has its top-left corner at the smallest (y, x) shell vertex.
         corners = np.concatenate([shell for shell, _ in polygons])
         fy, fx = min(zip(corners[:, 1].tolist(), corners[:, 0].tolist()))
-        geometry = _geometry(polygons, origin_xy=(x0, y0), level=0, height_px=height_px, width_px=width_px)
-        out[(fy + y0) * width_px + fx + x0] = json.dumps(geometry, separators=(",", ":"))
+        geometry = _geometry(polygons, origin_xy=(ox, oy), level=0, height_px=height_px, width_px=width_px)
+        out[(fy + oy) * width_px + fx + ox] = json.dumps(geometry, separators=(",", ":"))
     return out
 
 

@@ -72,11 +72,16 @@ def test_grid_text_roundtrip() -> None:
     np.testing.assert_array_equal(tissue.text_to_grid(tissue.grid_to_text(g)), g)
 
 
-def test_block_mean_downsample_matches_numpy() -> None:
-    img = np.random.default_rng(2).integers(0, 255, (64, 48, 3), dtype=np.uint8)
-    out = tissue.block_mean_downsample(img, 4)
-    ref = np.round(img.reshape(16, 4, 12, 4, 3).astype(np.float64).mean(axis=(1, 3))).astype(np.uint8)
-    np.testing.assert_array_equal(out, ref)
+@pytest.mark.parametrize(("h", "w", "factor"), [(64, 48, 4), (61, 50, 8), (5, 4, 2), (1, 7, 32), (100, 33, 3)])
+def test_block_mean_downsample_matches_numpy(h: int, w: int, factor: int) -> None:
+    # Coarse values make exact halves common: they round to even, as np.round does.
+    rng = np.random.default_rng(h * w)
+    for img in (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (rng.integers(0, 5, (h, w, 3)) * 63).astype(np.uint8)):
+        out = tissue.block_mean_downsample(img, factor)
+        oh, ow = -(-h // factor), -(-w // factor)
+        padded = np.pad(img, ((0, oh * factor - h), (0, ow * factor - w), (0, 0)), mode="edge")
+        ref = np.round(padded.reshape(oh, factor, ow, factor, 3).astype(np.float64).mean(axis=(1, 3)))
+        np.testing.assert_array_equal(out, ref.astype(np.uint8))
 
 
 def test_glass_mask_marks_glass_not_tissue_edges() -> None:
