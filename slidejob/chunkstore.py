@@ -167,6 +167,16 @@ class ChunkWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(encoded)
 
+    def delete(self, index: tuple[int, ...]) -> None:
+        """Remove chunk ``index`` (it then reads as the fill value); absent already is fine."""
+        if self._blosc is None:
+            if self._array is None:
+                self._array = zarr.open_array(self.array_path, mode="r+")
+            sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks))
+            self._array[sel] = self.fill_value
+            return
+        self._chunk_path(index).unlink(missing_ok=True)
+
 
 def write_block(
     path: Path,

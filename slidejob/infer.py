@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
-from slidejob import chunkstore, export, geometry, stats, tissue
+from slidejob import chunkstore, export, geometry, maskstore, stats, tissue
 from slidejob.chunkstore import CHUNK_PX, ChunkWriter
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ def infer_blocks(
     forward_chunks: int,
     clip_to_tissue: bool = True,
     min_area_px: int = 0,
+    pyramid_levels: int = 0,
 ) -> BlockResult:
     """Infer the tissue rectangles of some blocks and write their mask (and probability) chunks.
 
@@ -160,6 +161,10 @@ def infer_blocks(
     of the pixels themselves) are set to 0; probabilities are written as the model gave them.
     Lesions of fewer than ``min_area_px`` pixels that lie inside a block are
     removed before anything is written (:func:`slidejob.stats.remove_small_interior`).
+    Pyramid levels 1..``pyramid_levels`` are written from the block too
+    (:func:`slidejob.maskstore.write_levels`): the caller sees to it that each
+    of their chunks lies inside one block (2**pyramid_levels divides the
+    block side), so no pass over level 0 is needed for them.
 
     While a block's mask is in memory the task also reduces it for the
     statistics (one :class:`~slidejob.stats.ChunkPartial` per chunk) and
@@ -221,7 +226,25 @@ def infer_blocks(
                         prob_writer.write((r, c), probs8[b][rows, cols])
                     partials.append(stats.partial_from_array(chunk, r * CHUNK_PX, c * CHUNK_PX))
         outlines.update(export.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1]))
+        if pyramid_levels:
+            _write_block_levels(mask_path, masks[b], bound, shape, pyramid_levels, "max")
+            if prob_path is not None and probs8 is not None:
+                _write_block_levels(prob_path, probs8[b], bound, shape, pyramid_levels, "mean")
     return BlockResult(len(partials), partials, outlines, small_removed)
+
+
+def _write_block_levels(
+    path: str, canvas: npt.NDArray[np.uint8], bound: geometry.Rect, shape: tuple[int, int], levels: int, reducer: str
+) -> None:
+    """Levels 1..``levels`` above a block's canvas, widened to whole chunks of level ``levels`` (zeros: absent)."""
+    step = 1 << levels
+    r0, c0 = bound[0] // step * step, bound[1] // step * step
+    y1 = min(-(-bound[2] // step) * step * CHUNK_PX, shape[0])
+    x1 = min(-(-bound[3] // step) * step * CHUNK_PX, shape[1])
+    region = np.zeros((y1 - r0 * CHUNK_PX, x1 - c0 * CHUNK_PX), np.uint8)
+    oy, ox = (bound[0] - r0) * CHUNK_PX, (bound[1] - c0) * CHUNK_PX
+    region[oy : oy + canvas.shape[0], ox : ox + canvas.shape[1]] = canvas
+    maskstore.write_levels(Path(path), region, (r0, c0), levels, reducer=reducer)
 
 
 def predict_one_pass(model: Any, image: npt.NDArray[np.uint8], halo_px: int) -> npt.NDArray[np.float32]:

@@ -122,6 +122,47 @@ def create_mask_store(
     return root
 
 
+def levels_within_blocks(block_chunks: int) -> int:
+    """Pyramid levels whose every chunk lies inside one aligned block of ``block_chunks``² level-0 chunks.
+
+    A level-``l`` chunk covers 2**l level-0 chunks per side, so these are the
+    levels an inference task can write from its own block.
+
+    >>> [levels_within_blocks(n) for n in (1, 2, 3, 4, 6, 8)]
+    [0, 1, 0, 2, 1, 3]
+    """
+    levels = 0
+    while block_chunks % (2 ** (levels + 1)) == 0:
+        levels += 1
+    return levels
+
+
+def write_levels(
+    path: Path, region: npt.NDArray[np.uint8], origin_chunk: tuple[int, int], levels: int, *, reducer: str
+) -> int:
+    """Write levels 1..``levels`` of a store from a whole region of level 0, sparsely.
+
+    ``region`` is level 0 from chunk ``origin_chunk`` (row, col; multiples of
+    2**levels) to the end of a 2**levels-aligned box or the slide's edge, with
+    absent chunks as zeros: every chunk of those levels under it is made from
+    it alone.  All-zero chunks stay absent.  Returns the chunks written.
+    """
+    reduce = downsample_max if reducer == "max" else downsample_mean
+    written = 0
+    level = region
+    for lv in range(1, levels + 1):
+        level = reduce(level)
+        writer = ChunkWriter(Path(path) / str(lv))
+        r0, c0 = origin_chunk[0] >> lv, origin_chunk[1] >> lv
+        for r in range(-(-level.shape[0] // CHUNK_PX)):
+            for c in range(-(-level.shape[1] // CHUNK_PX)):
+                part = level[r * CHUNK_PX : (r + 1) * CHUNK_PX, c * CHUNK_PX : (c + 1) * CHUNK_PX]
+                if part.any():
+                    writer.write((r0 + r, c0 + c), part)
+                    written += 1
+    return written
+
+
 def downsample_max(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """2×2 max pooling with ceil at odd edges.
 
@@ -146,8 +187,8 @@ def downsample_mean(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 
 
 def erase_components(
-    path: Path, components: Sequence[tuple[tuple[int, int, int, int], tuple[int, int]]]
-) -> int:
+    path: Path, components: Sequence[tuple[tuple[int, int, int, int], tuple[int, int]]], *, levels: int = 0
+) -> set[tuple[int, int]]:
     """Set 8-connected components of level 0 to 0, each given by its bounding box and one of its pixels.
 
     ``components`` holds ``(bbox_px (y0, x0, y1, x1), (row, col))`` pairs, as
@@ -156,7 +197,12 @@ def erase_components(
     Each chunk concerned is read and rewritten once; components are taken in
     order of their top rows and chunks above the current one are written out as
     the sweep passes them, so memory holds a band of chunks, not the slide.
-    Returns the chunks rewritten.
+
+    Pyramid levels 1..``levels`` (max reducer) follow: a level-0 chunk is a
+    whole (512 >> l)-px square of its level-``l`` ancestor, because chunk
+    borders fall on multiples of 2**l, so each rewritten chunk's part of every
+    level is its own reduction, patched into the ancestor chunk (read and
+    written once).  Returns the (row, col) of the level-0 chunks rewritten.
     """
     from scipy import ndimage
 
@@ -166,16 +212,46 @@ def erase_components(
     height_px, width_px = (int(n) for n in array.shape)
     band: dict[tuple[int, int], npt.NDArray[np.uint8]] = {}
     dirty: set[tuple[int, int]] = set()
+    written: set[tuple[int, int]] = set()
+    # Per level: ancestor chunk -> [(offset in it, reduced pixels of a rewritten chunk)].
+    patches: list[dict[tuple[int, int], list[tuple[tuple[int, int], npt.NDArray[np.uint8]]]]] = [
+        {} for _ in range(levels + 1)
+    ]
 
-    def flush(below_row: int) -> int:
-        written = 0
+    def patch_ancestors(below_row: int) -> None:
+        for lv in range(1, levels + 1):
+            done = [key for key in patches[lv] if (key[0] + 1) << lv <= below_row]
+            if not done:
+                continue
+            src = zarr.open_array(Path(path) / str(lv), mode="r")
+            lv_writer = ChunkWriter(Path(path) / str(lv))
+            lh, lw = (int(n) for n in src.shape)
+            for r, c in done:
+                chunk = np.array(src[r * CHUNK_PX : min((r + 1) * CHUNK_PX, lh),
+                                     c * CHUNK_PX : min((c + 1) * CHUNK_PX, lw)])
+                for (oy, ox), part in patches[lv].pop((r, c)):
+                    chunk[oy : oy + part.shape[0], ox : ox + part.shape[1]] = part
+                if chunk.any():
+                    lv_writer.write((r, c), chunk)
+                else:
+                    lv_writer.delete((r, c))
+
+    def flush(below_row: int) -> None:
         for key in [key for key in band if key[0] < below_row]:
             chunk = band.pop(key)
-            if key in dirty:
-                writer.write(key, chunk)
-                dirty.discard(key)
-                written += 1
-        return written
+            if key not in dirty:
+                continue
+            writer.write(key, chunk)
+            dirty.discard(key)
+            written.add(key)
+            reduced = chunk
+            for lv in range(1, levels + 1):
+                reduced = downsample_max(reduced)
+                step = 1 << lv
+                ancestor = (key[0] >> lv, key[1] >> lv)
+                offset = ((key[0] % step) * (CHUNK_PX >> lv), (key[1] % step) * (CHUNK_PX >> lv))
+                patches[lv].setdefault(ancestor, []).append((offset, reduced))
+        patch_ancestors(below_row)
 
     def overlaps(
         y0: int, x0: int, y1: int, x1: int
@@ -193,10 +269,9 @@ def erase_components(
                 yield ((cy, cx), chunk, (slice(sy - oy, ey - oy), slice(sx - ox, ex - ox)),
                        (slice(sy - y0, ey - y0), slice(sx - x0, ex - x0)))
 
-    written = 0
     for (y0, x0, y1, x1), (fy, fx) in sorted(components, key=lambda c: c[0][0]):
         # Chunk rows wholly above this component are never needed again.
-        written += flush(y0 // CHUNK_PX)
+        flush(y0 // CHUNK_PX)
         crop = np.zeros((y1 - y0, x1 - x0), np.uint8)
         for _, chunk, in_chunk, in_crop in overlaps(y0, x0, y1, x1):
             crop[in_crop] = chunk[in_chunk]
@@ -207,4 +282,5 @@ def erase_components(
             if part.any():
                 chunk[in_chunk][part] = 0
                 dirty.add(key)
-    return written + flush(1 << 62)
+    flush(1 << 62)
+    return written

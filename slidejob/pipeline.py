@@ -430,6 +430,7 @@ def inference_tasks(
     gpu: bool,
     clip_to_tissue: bool = True,
     min_area_px: int = 0,
+    pyramid_levels: int = 0,
 ) -> list[Any]:
     """Delayed inference tasks, each computing to an :class:`slidejob.infer.BlockResult`.
 
@@ -454,6 +455,7 @@ def inference_tasks(
                 forward_chunks=forward_chunks,
                 clip_to_tissue=clip_to_tissue,
                 min_area_px=min_area_px,
+                pyramid_levels=pyramid_levels,
             )
             for i in range(0, len(blocks), blocks_per_task)
         ]
@@ -476,13 +478,17 @@ def _pyramid_block(path: str, level: int, r0: int, c0: int, n: int, reducer: str
     return written
 
 
-def build_pyramid(path: Path, grid: npt.NDArray[np.bool_], *, reducer: str, block_chunks: int = 4) -> None:
-    """Fill levels 1.. of a mask/probability store from level 0, level by level, only where there is tissue."""
+def build_pyramid(
+    path: Path, grid: npt.NDArray[np.bool_], *, reducer: str, block_chunks: int = 4, from_level: int = 1
+) -> None:
+    """Fill levels ``from_level``.. of a mask/probability store from the level below, only where there is tissue."""
     root = zarr.open_group(path, mode="r")
     ome: Any = root.attrs["ome"]
     n_levels = len(ome["multiscales"][0]["datasets"])
     for level in range(1, n_levels):
         grid = maskstore.downsample_max(grid.astype(np.uint8)).astype(bool)
+        if level < from_level:
+            continue
         tasks = [
             dask.delayed(_pyramid_block, pure=False)(str(path), level, by, bx, block_chunks, reducer)
             for by, bx, _ in block_slices(grid, block_chunks)
@@ -804,6 +810,9 @@ def _run_one(
             "slidejob_version": __version__,
         }
         min_area_px = stats.min_area_px(params.min_lesion_area_um2, info.mpp_um)
+        # Levels whose chunks each lie inside one inference block are written by the tasks.
+        task_levels = min(maskstore.levels_within_blocks(params.block_chunks),
+                          maskstore.n_levels_for(info.height_px, info.width_px) - 1)
         if params.min_lesion_area_um2 > 0 and info.mpp_um is None:
             logger.warning("%s: µm/px unknown: lesions of any size kept (--mpp sets it)", path)
         t = time.perf_counter()
@@ -829,6 +838,7 @@ def _run_one(
                 halo_px=params.halo_px, threshold=params.threshold, block_chunks=params.block_chunks,
                 forward_chunks=params.forward_chunks, batch_size=batch_size, blocks_per_task=blocks_per_task,
                 gpu=gpu, clip_to_tissue=params.clip_to_tissue, min_area_px=min_area_px,
+                pyramid_levels=task_levels,
             )
             results: list[infer.BlockResult] = list(dask.compute(*tasks))
             n_written = sum(r.chunks_written for r in results)
@@ -840,7 +850,8 @@ def _run_one(
             # Small lesions inside a block went in its task; those across block borders
             # are known only now, and are erased before the pyramid is built from level 0.
             slide_stats, small = stats.drop_small_lesions(slide_stats, min_area_px)
-            maskstore.erase_components(mask_tmp, [(les.bbox_px, les.first_pixel_yx) for les in small])
+            maskstore.erase_components(mask_tmp, [(les.bbox_px, les.first_pixel_yx) for les in small],
+                                       levels=task_levels)
             manifest["small_lesions"] = {
                 "min_area_um2": params.min_lesion_area_um2,
                 "min_area_px": min_area_px,
@@ -848,9 +859,9 @@ def _run_one(
             }
             timings["statistics"] = time.perf_counter() - t
             t = time.perf_counter()
-            build_pyramid(mask_tmp, tr.grid, reducer="max")
+            build_pyramid(mask_tmp, tr.grid, reducer="max", from_level=task_levels + 1)
             if prob_tmp is not None:
-                build_pyramid(prob_tmp, tr.grid, reducer="mean")
+                build_pyramid(prob_tmp, tr.grid, reducer="mean", from_level=task_levels + 1)
             timings["pyramid"] = time.perf_counter() - t
         manifest["outputs"] = {"mask": maskstore.MASK_NAME, "inferred_chunks": int(n_written)}
         if params.save_probabilities:

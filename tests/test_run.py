@@ -325,3 +325,31 @@ def test_min_lesion_area_removes_small_lesions_everywhere_and_needs_mpp(tiny_mod
     o = run_batch([unknown.path], tmp_path / "out-u", weights=tiny_model).outcomes[0]
     assert o.status == "ok", o.error
     assert o.manifest["small_lesions"]["min_area_px"] == 0  # no µm/px: nothing is judged small
+
+
+@pytest.mark.parametrize("block_chunks", [1, 2, 3, 4])
+def test_pyramid_levels_written_by_the_tasks_equal_reducing_level_by_level(
+    tiny_model: Path, tmp_path: Path, block_chunks: int
+) -> None:
+    # With blocks of 2 or 4 chunks the tasks write levels 1 (and 2) from their own blocks and
+    # only the rest is reduced afterwards; every level must still be the 2×2 reduction of the
+    # one below (max for the mask, mean for probabilities), glass gaps and ragged edges included.
+    slide = write_slide(tmp_path / "s.tif", 1300, 2100, tissue_boxes=[(0, 0, 1300, 900), (0, 1300, 700, 2100)],
+                        cancer_boxes=[(100, 100, 500, 800), (200, 1400, 600, 1900)], compression="zlib")
+    outcome = run_batch([slide.path], tmp_path / "out", weights=tiny_model, block_chunks=block_chunks,
+                        save_probabilities=True).outcomes[0]
+    assert outcome.status == "ok", outcome.error
+    for name, reduce in (("mask.ome.zarr", maskstore.downsample_max), ("probability.ome.zarr",
+                                                                       maskstore.downsample_mean)):
+        root = zarr.open_group(outcome.out_dir / name, mode="r")
+        levels = [root[str(i)][...] for i in range(maskstore.n_levels_for(1300, 2100))]
+        assert len(levels) == 4 and levels[0].any()
+        for lv in range(1, len(levels)):
+            np.testing.assert_array_equal(levels[lv], reduce(levels[lv - 1]), err_msg=f"{name} level {lv}")
+        # Sparse above level 0: no chunk of zeros is stored.
+        for lv in range(1, len(levels)):
+            stored = [p for p in (outcome.out_dir / name / str(lv) / "c").rglob("*") if p.is_file()]
+            assert stored
+            for key in stored:
+                r, c = int(key.parent.name), int(key.name)
+                assert levels[lv][r * 512 : (r + 1) * 512, c * 512 : (c + 1) * 512].any()

@@ -271,15 +271,20 @@ def test_small_lesions_removed_by_blocks_then_merge_equal_removing_them_from_the
         path, [stats.partial_from_array(blocks[y : y + CHUNK, x : x + CHUNK], y, x) for y, x in chunks]
     )
     kept, small = stats.drop_small_lesions(merged, min_px)
-    rewritten = maskstore.erase_components(path, [(les.bbox_px, les.first_pixel_yx) for les in small])
+    rewritten = maskstore.erase_components(path, [(les.bbox_px, les.first_pixel_yx) for les in small], levels=2)
 
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
     too_small = np.bincount(labels.ravel()) < min_px
     too_small[0] = False
     expected = np.where(too_small[labels], 0, mask).astype(np.uint8)
-    assert removed_in_blocks > 1000 and len(small) > 10 and rewritten > 1  # both paths taken
+    assert removed_in_blocks > 1000 and len(small) > 10 and len(rewritten) > 1  # both paths taken
     assert removed_in_blocks + len(small) == int(too_small.sum())
     np.testing.assert_array_equal(zarr.open_array(path / "0", mode="r")[...], expected)
+    # Levels 1 and 2 above the rewritten chunks follow (3 is the caller's next pass).
+    level = expected
+    for lv in (1, 2):
+        level = maskstore.downsample_max(level)
+        np.testing.assert_array_equal(zarr.open_array(path / str(lv), mode="r")[...], level)
     fresh = stats.statistics_from_partials(
         path, [stats.partial_from_array(expected[y : y + CHUNK, x : x + CHUNK], y, x) for y, x in chunks]
     )
