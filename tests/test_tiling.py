@@ -146,3 +146,23 @@ def test_flat_tiff_thumbnail_is_reduced_in_blocks(tmp_path: Path) -> None:
     tr = detect_slide_tissue(slide.path, max_side_px=500)
     assert max(tr.thumbnail.shape[:2]) <= 500
     np.testing.assert_array_equal(tr.grid, slide.chunk_fraction() >= 0.01)
+
+
+def test_chunk_writer_reads_what_zarr_reads_and_deletes(tmp_path: Path) -> None:
+    # The writer's read/delete bypass zarr's per-chunk bookkeeping; zarr must agree with them.
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    mask = root.create_array("0", shape=(700, 1100), chunks=(512, 512), dtype="uint8", fill_value=0,
+                             compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")])
+    data = np.random.default_rng(0).integers(0, 3, (700, 1100)).astype(np.uint8)
+    mask[:, :600] = data[:, :600]
+    io = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0")
+    for index in [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (1, 2)]:
+        sel = tuple(slice(i * 512, (i + 1) * 512) for i in index)
+        got = io.read(index)
+        np.testing.assert_array_equal(got, mask[sel])
+        got[...] = 7  # a copy: writable, the store untouched
+    np.testing.assert_array_equal(mask[:, :600], data[:, :600])
+    io.write((1, 1), data[512:, 512:1024])
+    io.delete((0, 0))
+    np.testing.assert_array_equal(mask[512:, 512:1024], data[512:, 512:1024])
+    assert not mask[:512, :512].any() and chunkstore.stored_chunks(tmp_path / "s.zarr", "0") == {(0, 1), (1, 0), (1, 1)}
