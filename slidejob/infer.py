@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
-from slidejob import chunkstore, export, geometry, maskstore, stats, tissue
+from slidejob import chunkstore, geometry, maskstore, outline, stats, tissue
 from slidejob.chunkstore import CHUNK_PX, ChunkWriter
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def infer_blocks(
                     if prob_writer is not None and probs8 is not None:
                         prob_writer.write((r, c), probs8[b][rows, cols])
                     partials.append(stats.partial_from_array(chunk, r * CHUNK_PX, c * CHUNK_PX))
-        outlines.update(export.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1]))
+        outlines.update(outline.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1]))
         if pyramid_levels:
             _write_block_levels(mask_path, masks[b], bound, shape, pyramid_levels, "max")
             if prob_path is not None and probs8 is not None:

@@ -25,11 +25,10 @@ import numpy.typing as npt
 import pytest
 import zarr
 from PIL import Image
-from scipy import ndimage
 from test_stats import known_lesions_mask, write_mask_store
 
 from slidejob import export, summarydb
-from slidejob.export import mask_polygons, signed_area
+from slidejob.outline import mask_polygons, signed_area
 from slidejob.stats import statistics_graph
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -430,26 +429,3 @@ def test_report_in_headless_chromium(out_dir: Path) -> None:
         assert browser.js(f"document.querySelector('{header}').getAttribute('aria-sort')") == "descending"
         browser.click("#slides thead th:nth-child(1)")
         assert browser.js(order) == list(SLIDES)
-
-
-def test_interior_outlines_are_the_lesions_touching_no_block_border_traced_in_place() -> None:
-    rng = np.random.default_rng(3)
-    block = (ndimage.uniform_filter(rng.random((300, 420)), 7) > 0.56).astype(np.uint8)
-    block[0, :] = 0
-    block[150:, 0] = 1  # a lesion on the border: left for the merge
-    y0, x0 = 1024, 2048
-    got = export.interior_outlines(block, y0, x0, height_px=5000, width_px=6000)
-
-    labels, n = ndimage.label(block, structure=np.ones((3, 3), bool))
-    on_border = set(np.unique(np.r_[labels[0], labels[-1], labels[:, 0], labels[:, -1]]).tolist())
-    expected = {}
-    for k in range(1, n + 1):
-        if k in on_border:
-            continue
-        ys, xs = np.nonzero(labels == k)
-        first = (ys[0] + y0) * 6000 + xs[0] + x0  # raster order: nonzero's first hit
-        polygons = export.mask_polygons(labels == k)
-        geometry = export._geometry(polygons, origin_xy=(x0, y0), level=0, height_px=5000, width_px=6000)
-        expected[int(first)] = json.dumps(geometry, separators=(",", ":"))
-    assert len(expected) > 20 and n - len(expected) >= 1
-    assert got == expected
