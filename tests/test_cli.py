@@ -85,3 +85,35 @@ def test_demo_the_readme_command(tmp_path: Path) -> None:
     assert dice >= 0.8  # 0.855 measured; the all-negative mask scores 0
     results = tmp_path / "demo" / "results"
     assert (results / "report.html").is_file() and (results / "slidejob.sqlite").is_file()
+
+
+def test_run_end_to_end_on_a_local_cluster_of_two_worker_processes(
+    real_slides: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    # `slidejob run` as a user types it: a generated slide with known cancer and every real slide
+    # (SVS, NDPI, OME-TIFF), on an embedded LocalCluster of two worker processes.
+    import numpy as np
+    import zarr
+
+    from slidejob.wsi import open_slide
+
+    made = write_slide(tmp_path / "made.tif", 1300, 1400, tissue_boxes=[(0, 0, 1300, 1400)],
+                       cancer_boxes=[(400, 430, 640, 600), (1000, 100, 1250, 700)], compression="jpeg")
+    out = tmp_path / "out"
+    res = run_cli("run", str(made.path), str(real_slides), "--out", str(out), "--weights", str(tiny_model),
+                  "--cluster-workers", "2", "--cluster-threads", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "dashboard: http" in res.stderr
+    assert "6 of 6 slide(s) done" in res.stdout
+    manifests = [json.loads(m.read_text()) for m in out.glob("*/manifest.json")]
+    assert len(manifests) == 6 and all(m["status"] == "ok" for m in manifests)
+    for m in manifests:
+        mask = zarr.open_group(out / m["slide_id"] / "mask.ome.zarr", mode="r")["0"]
+        info = open_slide(m["input"]["path"]).info
+        assert mask.shape == (info.height_px, info.width_px)
+        assert (out / m["slide_id"] / "stats.json").is_file() and (out / m["slide_id"] / "lesions.geojson").is_file()
+    ours = next(m for m in manifests if m["slide_id"].startswith("made-"))
+    mask = zarr.open_group(out / ours["slide_id"] / "mask.ome.zarr", mode="r")["0"][...].astype(bool)
+    truth = made.cancer_mask()
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9
+    assert (out / "report.html").is_file() and (out / "slidejob.sqlite").is_file()

@@ -235,15 +235,6 @@ def test_one_bad_slide_does_not_stop_the_batch(tiny_model: Path, tmp_path: Path)
     assert good is not None
 
 
-def test_real_slides(real_slides: Path, tiny_model: Path, tmp_path: Path) -> None:
-    result = run_batch([real_slides], tmp_path / "out", weights=tiny_model)
-    assert len(result.outcomes) == 5
-    assert not result.failed, [o.error for o in result.failed]
-    for o in result.outcomes:
-        info = open_slide(o.source).info
-        assert _mask(o).shape == (info.height_px, info.width_px)
-
-
 @pytest.mark.slow
 def test_local_cluster_model_once_per_worker_and_gpu_path(tiny_model: Path, tmp_path: Path) -> None:
     """2 worker processes declaring a GPU resource (the GPU-cluster code path, run on CPU)."""
