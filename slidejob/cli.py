@@ -212,7 +212,8 @@ Examples:
 \b
 Per slide, results/<slide-id>/ holds mask.ome.zarr (OME-Zarr label image) and
 manifest.json. Slides done before with the same inputs are skipped (--force redoes them).
-Exit status: 0 when every slide succeeded, 1 when any failed (the others still ran).
+Exit status: 0 when every slide succeeded, 1 when any failed (the others still ran),
+5 when the cluster of --scheduler / --scheduler-file cannot be reached.
 """
 )
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))

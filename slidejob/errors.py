@@ -9,10 +9,12 @@ from __future__ import annotations
 
 #: Exit statuses the CLI uses, so that a scheduler can tell "fix the input"
 #: from "retry": 1 = a deliberate error of ours, 2 = usage (click), 3 = bad
-#: input (slide missing, unreadable, unsupported), 4 = output already exists.
+#: input (slide missing, unreadable, unsupported), 4 = output already exists,
+#: 5 = the Dask cluster cannot be reached (retry when it is up).
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 3
 EXIT_OUTPUT_EXISTS = 4
+EXIT_CLUSTER_UNREACHABLE = 5
 
 
 class SlidejobError(Exception):
@@ -43,6 +45,12 @@ class OutputExists(SlidejobError, FileExistsError):
     """The output already exists and overwriting was not asked for."""
 
     exit_code = EXIT_OUTPUT_EXISTS
+
+
+class ClusterUnreachable(SlidejobError, ConnectionError):
+    """The Dask scheduler given by address or scheduler file cannot be reached."""
+
+    exit_code = EXIT_CLUSTER_UNREACHABLE
 
 
 class ModelError(SlidejobError, ValueError):

@@ -348,7 +348,16 @@ def dask_client(
     from distributed import Client, LocalCluster
 
     if scheduler or scheduler_file:
-        client = Client(scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None)
+        from slidejob.errors import ClusterUnreachable
+
+        where = scheduler or str(scheduler_file)
+        if scheduler_file and not Path(scheduler_file).is_file():
+            # distributed would wait for the file to appear until its connect timeout.
+            raise ClusterUnreachable(f"{scheduler_file}: no such scheduler file (is the scheduler running?)")
+        try:
+            client = Client(scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterUnreachable(f"{where}: cannot connect to the Dask scheduler ({_one_line(exc)})") from None
         logger.info("connected to Dask scheduler %s (dashboard %s)", client.scheduler.address, client.dashboard_link)
         try:
             yield client

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ from slidejob.cli import cli
 from slidejob.synthetic import write_slide
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "slidejob", *args], check=False, capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_help_has_examples() -> None:
@@ -116,3 +117,42 @@ def test_run_end_to_end_on_a_local_cluster_of_two_worker_processes(
     truth = made.cancer_mask()
     assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9
     assert (out / "report.html").is_file() and (out / "slidejob.sqlite").is_file()
+
+
+def test_run_on_an_existing_cluster_by_address_and_by_scheduler_file(tiny_model: Path, tmp_path: Path) -> None:
+    # --scheduler / --scheduler-file send the work to a cluster started elsewhere: the model
+    # must be loaded on that cluster's worker, not in an embedded one.
+    from distributed import Client, LocalCluster
+
+    from slidejob import infer
+
+    slide = write_slide(tmp_path / "s.tif", 700, 900, tissue_boxes=[(0, 0, 700, 900)],
+                        cancer_boxes=[(100, 100, 400, 500)], compression="zlib")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        assert sum(client.run(infer.load_count).values()) == 0
+        by_address = run_cli("run", str(slide.path), "--out", str(tmp_path / "a"), "--weights", str(tiny_model),
+                             "--scheduler", cluster.scheduler_address)
+        assert by_address.returncode == 0, by_address.stderr[-2000:]
+        assert sum(client.run(infer.load_count).values()) == 1
+        # What `dask scheduler --scheduler-file` writes, reduced to the field a client reads.
+        (tmp_path / "scheduler.json").write_text(json.dumps({"type": "Scheduler", "address": cluster.scheduler_address}))
+        by_file = run_cli("run", str(slide.path), "--out", str(tmp_path / "b"), "--weights", str(tiny_model),
+                          "--scheduler-file", str(tmp_path / "scheduler.json"))
+        assert by_file.returncode == 0, by_file.stderr[-2000:]
+        assert sum(client.run(infer.load_count).values()) == 1  # the same worker, its model reused
+    for out in ("a", "b"):
+        (manifest,) = (tmp_path / out).glob("*/manifest.json")
+        assert json.loads(manifest.read_text())["status"] == "ok"
+    both = [(tmp_path / out).glob("*/mask.ome.zarr") for out in ("a", "b")]
+    import zarr
+
+    a, b = (zarr.open_group(next(g), mode="r")["0"][...] for g in both)
+    assert (a == b).all() and a.any()
+    # No cluster there: one line naming it, exit 5 (retry later), nothing written.
+    for flag, where in (("--scheduler", "tcp://127.0.0.1:9"), ("--scheduler-file", str(tmp_path / "none.json"))):
+        bad = run_cli("run", str(slide.path), "--out", str(tmp_path / "c"), flag, where,
+                      env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
+        assert bad.returncode == 5, bad.stderr[-2000:]
+        assert bad.stderr.startswith("slidejob: error: ") and bad.stderr.count("\n") == 1 and where in bad.stderr
+    assert not (tmp_path / "c").exists()
