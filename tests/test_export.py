@@ -273,6 +273,28 @@ def test_report_is_self_contained(out_dir: Path) -> None:
     assert "cannot decode tile 3" in (out_dir / export.REPORT_NAME).read_text()
 
 
+def test_report_thumbnails_are_made_with_the_overlay_and_remade_only_for_older_outputs(
+    out_dir: Path, tmp_path: Path
+) -> None:
+    import base64
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(out_dir, out)
+    thumbs = {sid: out / sid / export.OVERLAY_THUMB_NAME for sid, side in SLIDES.items() if side is not None}
+    for thumb in thumbs.values():  # written beside each overlay, a small JPEG of it
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and max(im.size) == export.REPORT_THUMB_MAX_SIDE_PX
+    # The report embeds the file's bytes as they are...
+    marked = thumbs["d-big"].read_bytes() + b"slidejob-test"
+    thumbs["d-big"].write_bytes(marked)
+    # ...and remakes a thumbnail only where an output folder predates them (or the overlay is newer).
+    thumbs["a-small"].unlink()
+    page = export.write_report(out).read_text()
+    assert base64.b64encode(marked).decode("ascii") in page
+    assert page.count("data:image/jpeg;base64,") == 3 and not thumbs["a-small"].exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # The report in a real browser (Chromium over the DevTools protocol on a pipe: no port, no extra package)
 # --------------------------------------------------------------------------------------------------------
