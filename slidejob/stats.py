@@ -171,7 +171,8 @@ class ChunkPartial:
     extend), points whose convex hull is that of its pixel squares,
     ``hull_yx[hull_start[i]:hull_start[i + 1]]``.  ``top``, ``bottom``,
     ``left`` and ``right`` are the local labels along the chunk's four edges
-    (0 = no lesion).
+    (0 = no lesion), in the narrowest unsigned type that holds them; all four
+    are empty when the chunk has no component.
     """
 
     y0: int
@@ -186,10 +187,10 @@ class ChunkPartial:
     diameter_sq_px: IntArray
     hull_yx: IntArray
     hull_start: IntArray
-    top: npt.NDArray[np.int32]
-    bottom: npt.NDArray[np.int32]
-    left: npt.NDArray[np.int32]
-    right: npt.NDArray[np.int32]
+    top: npt.NDArray[np.unsignedinteger]
+    bottom: npt.NDArray[np.unsignedinteger]
+    left: npt.NDArray[np.unsignedinteger]
+    right: npt.NDArray[np.unsignedinteger]
 
     @property
     def n_components(self) -> int:
@@ -280,7 +281,10 @@ def _mm2(px: float, mpp_um: float | None) -> float | None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _empty_partial(y0: int, x0: int, shape: tuple[int, int], labels: npt.NDArray[np.int32]) -> ChunkPartial:
+_NO_EDGE = np.zeros(0, np.uint8)
+
+
+def _empty_partial(y0: int, x0: int, shape: tuple[int, int]) -> ChunkPartial:
     z1 = np.zeros(0, np.int64)
     return ChunkPartial(
         y0=y0,
@@ -295,10 +299,11 @@ def _empty_partial(y0: int, x0: int, shape: tuple[int, int], labels: npt.NDArray
         diameter_sq_px=z1,
         hull_yx=np.zeros((0, 2), np.int64),
         hull_start=np.zeros(1, np.int64),
-        top=labels[0, :].copy(),
-        bottom=labels[-1, :].copy(),
-        left=labels[:, 0].copy(),
-        right=labels[:, -1].copy(),
+        # No component touches an edge: nothing to keep (a slide's partials all sit in the client at once).
+        top=_NO_EDGE,
+        bottom=_NO_EDGE,
+        left=_NO_EDGE,
+        right=_NO_EDGE,
     )
 
 
@@ -324,7 +329,7 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
         raise ValueError(f"expected a non-empty 2-D mask chunk, got shape {mask.shape}")
     labels, n = ndimage.label(mask, structure=CONNECTIVITY_8, output=np.int32)
     if n == 0:
-        return _empty_partial(y0, x0, mask.shape, labels)
+        return _empty_partial(y0, x0, mask.shape)
     h, w = mask.shape
     run_lab, run_row, run_c0, run_c1 = _runs(labels)
     run_len = run_c1 - run_c0
@@ -391,6 +396,7 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
             dy = pts[:, :, None, 0] - pts[:, None, :, 0]
             dx = pts[:, :, None, 1] - pts[:, None, :, 1]
             diameter_sq[sel] = (dy * dy + dx * dx).max(axis=(1, 2))
+    edge_dtype = np.min_scalar_type(n)
     hulls: list[IntArray] = []
     hull_len = np.zeros(n, np.int64)
     for i in np.flatnonzero(on_edge | (n_corners > _PAIRWISE_CORNERS)):
@@ -415,10 +421,11 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
         diameter_sq_px=diameter_sq,
         hull_yx=np.concatenate(hulls) if hulls else np.zeros((0, 2), np.int64),
         hull_start=np.r_[0, np.cumsum(hull_len)].astype(np.int64),
-        top=labels[0, :].copy(),
-        bottom=labels[-1, :].copy(),
-        left=labels[:, 0].copy(),
-        right=labels[:, -1].copy(),
+        # The narrowest type holding the labels: edges are most of a partial's bytes.
+        top=labels[0, :].astype(edge_dtype),
+        bottom=labels[-1, :].astype(edge_dtype),
+        left=labels[:, 0].astype(edge_dtype),
+        right=labels[:, -1].astype(edge_dtype),
     )
 
 
@@ -440,7 +447,7 @@ def _runs(labels: npt.NDArray[np.int32]) -> tuple[IntArray, IntArray, IntArray, 
     )
 
 
-def _touching(a: npt.NDArray[np.int32], b: npt.NDArray[np.int32]) -> tuple[IntArray, IntArray]:
+def _touching(a: npt.NDArray[np.unsignedinteger], b: npt.NDArray[np.unsignedinteger]) -> tuple[IntArray, IntArray]:
     """Pairs of labels (a[i], b[j]) with |i - j| <= 1 and both non-zero: 8-neighbours across a border."""
     if a.shape != b.shape:
         raise ValueError(
@@ -489,7 +496,8 @@ def merge_partials(
     SlideStats
         Exact statistics of the level-0 mask, lesions numbered in raster order.
     """
-    parts = sorted(partials, key=lambda p: (p.y0, p.x0))
+    # Chunks without components add no lesion and touch none (a contact needs cancer on both sides).
+    parts = sorted((p for p in partials if p.n_components), key=lambda p: (p.y0, p.x0))
     counts = np.array([p.n_components for p in parts], np.int64)
     offset = np.r_[0, np.cumsum(counts)].astype(np.int64)
     n_nodes = int(offset[-1])

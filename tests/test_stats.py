@@ -249,6 +249,25 @@ def test_partials_in_memory_any_chunk_size() -> None:
     assert_matches_reference(stats, mask)
 
 
+def test_partials_of_empty_chunks_are_tiny_and_merge_the_same() -> None:
+    # A slide's partials all reach the client: a chunk without cancer keeps no edges, and
+    # edges are stored in the narrowest type; the merge is exact with such chunks anywhere.
+    import pickle
+
+    empty = partial_from_array(np.zeros((512, 512), np.uint8), 0, 512)
+    assert empty.n_components == 0 and empty.top.size == empty.left.size == 0
+    assert len(pickle.dumps(empty)) < 1024
+    mask = blobs((61, 47), seed=3)
+    mask[14:28, :] = 0  # two rows of 7-px chunks without cancer
+    mask[:, 21:28] = 0
+    parts = [
+        partial_from_array(mask[y : y + 7, x : x + 7], y, x) for y in range(0, 61, 7) for x in range(0, 47, 7)
+    ]
+    assert any(p.n_components == 0 for p in parts) and all(p.top.dtype == np.uint8 for p in parts)
+    stats = merge_partials(parts, height_px=61, width_px=47, mpp_um=None, tissue_area_px=61 * 47)
+    assert_matches_reference(stats, mask)
+
+
 @pytest.mark.parametrize("block_px", [512, 1024])
 def test_small_lesions_removed_by_blocks_then_merge_equal_removing_them_from_the_whole_mask(
     tmp_path: Path, block_px: int
