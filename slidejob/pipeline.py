@@ -470,6 +470,28 @@ def inference_tasks(
         ]
 
 
+def cpu_block_chunks(grid: npt.NDArray[np.bool_], block_chunks: int, task_threads: int) -> int:
+    """The block side for a slide on CPU workers: ``block_chunks``, halved while the slide has fewer blocks than threads.
+
+    A task is one block; a small slide of one 4×4 block would keep one thread
+    busy and the others idle.  On CPUs every chunk is its own forward whatever
+    the block, so the mask does not change (pyramid levels written by the tasks
+    follow the block side).
+
+    >>> grid = np.ones((4, 4), bool)
+    >>> cpu_block_chunks(grid, 4, 1), cpu_block_chunks(grid, 4, 2), cpu_block_chunks(grid, 4, 8)
+    (4, 2, 1)
+    >>> cpu_block_chunks(np.ones((40, 40), bool), 4, 16), cpu_block_chunks(np.ones((1, 1), bool), 4, 2)
+    (4, 4)
+    """
+    while block_chunks > 1 and len(block_slices(grid, block_chunks)) < task_threads:
+        smaller = block_chunks // 2
+        if len(block_slices(grid, smaller)) <= len(block_slices(grid, block_chunks)):
+            break
+        block_chunks = smaller
+    return block_chunks
+
+
 def _pyramid_block(path: str, level: int, r0: int, c0: int, n: int, reducer: str) -> int:
     src = zarr.open_array(Path(path) / str(level - 1), mode="r")
     dst = chunkstore.ChunkWriter(Path(path) / str(level))
@@ -667,7 +689,9 @@ def run_batch(
     halo_px
         Context around each inferred rectangle; the receptive radius rounded up to 8 when None.
     block_chunks
-        Chunks per side of an inference block (what one task reads, writes and reduces).
+        Chunks per side of an inference block (what one task reads, writes and reduces).  When
+        None, ``run.block-chunks`` from the config, halved on CPU workers for slides with fewer
+        blocks than task threads (:func:`cpu_block_chunks`); a value given here is used as is.
     forward_chunks
         Chunks per side of one forward at most (default: 1 on CPU, 4 on GPU workers).
     batch_size
@@ -735,6 +759,9 @@ def run_batch(
         outcome = _run_one(
             path, out_dir, spec=spec, params=params, model_info=model_info, batch_size=batch,
             blocks_per_task=blocks_per_task, gpu=gpu, keep_tiles=keep_tiles, force=force,
+            # An explicit block size is used as given; the configured one shrinks for small slides.
+            task_threads=(sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1))
+            if block_chunks is None else 1,
         )
         logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
                     f" — {outcome.error}" if outcome.error else "", outcome.seconds)
@@ -755,6 +782,7 @@ def _run_one(
     gpu: bool,
     keep_tiles: bool,
     force: bool,
+    task_threads: int = 1,
 ) -> SlideOutcome:
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -819,8 +847,10 @@ def _run_one(
             "slidejob_version": __version__,
         }
         min_area_px = stats.min_area_px(params.min_lesion_area_um2, info.mpp_um)
+        block_chunks = params.block_chunks if gpu else cpu_block_chunks(tr.grid, params.block_chunks, task_threads)
+        manifest["block_chunks_used"] = block_chunks
         # Levels whose chunks each lie inside one inference block are written by the tasks.
-        task_levels = min(maskstore.levels_within_blocks(params.block_chunks),
+        task_levels = min(maskstore.levels_within_blocks(block_chunks),
                           maskstore.n_levels_for(info.height_px, info.width_px) - 1)
         if params.min_lesion_area_um2 > 0 and info.mpp_um is None:
             logger.warning("%s: µm/px unknown: lesions of any size kept (--mpp sets it)", path)
@@ -844,7 +874,7 @@ def _run_one(
                 )
             tasks = inference_tasks(
                 tr.grid, spec=spec, tiles_path=tiles, mask_path=mask_tmp, prob_path=prob_tmp,
-                halo_px=params.halo_px, threshold=params.threshold, block_chunks=params.block_chunks,
+                halo_px=params.halo_px, threshold=params.threshold, block_chunks=block_chunks,
                 forward_chunks=params.forward_chunks, batch_size=batch_size, blocks_per_task=blocks_per_task,
                 gpu=gpu, clip_to_tissue=params.clip_to_tissue, min_area_px=min_area_px,
                 pyramid_levels=task_levels,

@@ -344,3 +344,22 @@ def test_pyramid_levels_written_by_the_tasks_equal_reducing_level_by_level(
             for key in stored:
                 r, c = int(key.parent.name), int(key.name)
                 assert levels[lv][r * 512 : (r + 1) * 512, c * 512 : (c + 1) * 512].any()
+
+
+def test_small_slides_get_smaller_blocks_on_cpu_and_the_same_mask(tiny_model: Path, all_tissue_slide,
+                                                                   tmp_path: Path) -> None:
+    # A 3×3-chunk slide is one 4×4 block: one task, one busy thread.  With the configured block
+    # size the run halves it until every task thread has a block; each chunk is still its own
+    # forward on CPU, so the mask is bit for bit the one of the 4×4 block.
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one task thread: nothing to share out")
+    adapted = run_batch([all_tissue_slide.path], tmp_path / "a", weights=tiny_model, precision="fp32").outcomes[0]
+    given = run_batch([all_tissue_slide.path], tmp_path / "b", weights=tiny_model, precision="fp32",
+                      block_chunks=4).outcomes[0]
+    assert adapted.status == given.status == "ok"
+    assert given.manifest["block_chunks_used"] == 4
+    assert adapted.manifest["block_chunks_used"] < 4 <= adapted.manifest["parameters"]["block_chunks"]
+    np.testing.assert_array_equal(_mask(adapted), _mask(given))
+    for lv in ("1", "2"):
+        a = zarr.open_group(adapted.out_dir / "mask.ome.zarr", mode="r")[lv][...]
+        np.testing.assert_array_equal(a, zarr.open_group(given.out_dir / "mask.ome.zarr", mode="r")[lv][...])
