@@ -14,7 +14,9 @@ the all-tissue run twice (the faster one), the half-glass pair three times (half
 skipping), reporting the ratio of the fastest of each and the median of the three pairwise ratios.
   * peak memory, client plus all workers (RSS sampled every 50 ms), for an 8192² slide and a
     32768² slide holding the same 8192² of tissue (target ≤ 1.5 GB, ratio ≤ 1.2).
-When CUDA is present, tiles/s on the GPU and its busy fraction are reported too.
+When the embedded cluster has GPU workers, "gpu" adds the GPU's own limit (512² batches in the precision
+``auto`` picks there), tiles/s of the all-tissue runs on the GPU workers, their fraction of that limit, and
+the GPUs' busy fraction sampled during those runs (NVML or nvidia-smi).
 
 Usage:  python bench/bench_run.py [--side 8192] [--workdir bench/out] [--weights CARD]
 """
@@ -22,6 +24,7 @@ Usage:  python bench/bench_run.py [--side 8192] [--workdir bench/out] [--weights
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import threading
@@ -58,6 +61,7 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *, 
     ``kept_px = 512`` it is the most a pipeline that infers each chunk with its halo can reach.
     """
     import torch
+
     from slidejob.model import best_precision, load_model
 
     precision, channels_last = best_precision("cpu")
@@ -79,6 +83,85 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *, 
     elapsed = time.perf_counter() - t0
     return {"precision": precision, "channels_last": channels_last, "input_px": side_px,
             "mp_s": sum(counts) * kept_px * kept_px / 1e6 / elapsed}
+
+
+def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batch: int = 8,
+              seconds: float = 10.0) -> dict:
+    """Forward of in-memory batches of ``side_px``² tiles on the first GPU, in the precision ``auto`` picks there.
+
+    ``tiles_s`` counts ``kept_px``² tiles: with ``side_px = 2048 + 2 × halo`` and ``kept_px = 2048`` each
+    input holds 16 chunks (the GPU workers' forward of a whole 4×4 block).
+    """
+    import torch
+
+    from slidejob.model import best_precision, load_model
+
+    precision, channels_last = best_precision("cuda")
+    model = load_model(card, None, device="cuda", precision=precision, channels_last=channels_last)
+    tiles = np.random.default_rng(0).integers(0, 255, (batch, side_px, side_px, 3), dtype=np.uint8)
+    for _ in range(3):
+        model.predict_proba(tiles)  # warm-up (cuDNN autotuning, allocator)
+    torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model.predict_proba(tiles)  # returns numpy: synchronised, host copy included
+        n += 1
+    elapsed = time.perf_counter() - t0
+    chunks = batch * (kept_px // 512) ** 2
+    return {"precision": precision, "channels_last": channels_last, "input_px": side_px, "batch": batch,
+            "tiles_s": n * chunks / elapsed, "mp_s": n * chunks * 512 * 512 / 1e6 / elapsed}
+
+
+class GpuBusy:
+    """Mean GPU utilisation over a block (nvidia-smi's utilization.gpu: the share of time a kernel ran).
+
+    Sampled every 100 ms over all GPUs, through NVML (``torch.cuda.utilization``) or ``nvidia-smi``;
+    ``fraction`` is None when neither is available.
+    """
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _sample() -> float | None:
+        import subprocess
+
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+        if n_gpus == 0:
+            return None
+        try:
+            return float(np.mean([torch.cuda.utilization(i) for i in range(n_gpus)]))
+        except Exception:  # noqa: BLE001 - pynvml missing or its own NVMLError: ask nvidia-smi
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5, check=True).stdout
+                return float(np.mean([float(v) for v in out.split()]))
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = self._sample()
+            if value is None:
+                return
+            self.samples.append(value)
+            time.sleep(0.1)
+
+    @property
+    def fraction(self) -> float | None:
+        return round(float(np.mean(self.samples)) / 100, 3) if self.samples else None
+
+    def __enter__(self) -> GpuBusy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class PeakRSS:
@@ -148,7 +231,8 @@ def main() -> None:
     with dask_client() as client:
         client.wait_for_workers(shape["n_workers"])
         warm_up(args.workdir, args.weights)
-        all_runs = [timed_run(all_slide, out, args.weights) for _ in range(2)]
+        with GpuBusy() if shape["gpus"] else contextlib.nullcontext() as busy:
+            all_runs = [timed_run(all_slide, out, args.weights) for _ in range(2)]
         half_pairs = [
             (timed_run(half_slide, out, args.weights)[0], timed_run(half_slide, out, args.weights, all_tissue=True)[0])
             for _ in range(3)
@@ -166,6 +250,19 @@ def main() -> None:
     figures["all_tissue"] = {"seconds": round(t_all, 1), "runs_s": [round(r[0], 1) for r in all_runs],
                              "mp_s": round(mp / t_all, 3),
                              "fraction_of_limit": round(mp / t_all / limit["mp_s"], 3), "timings_s": timings_all}
+    if shape["gpus"]:
+        # GPU workers ran the slide: compare with the GPU's own forward, in its precision, on batches of 512²
+        # tiles (the issue's limit) and of whole 4×4 blocks plus the halo (what the GPU workers feed it).
+        gpu = gpu_limit(args.weights)
+        gpu_blocks = gpu_limit(args.weights, side_px=2048 + 2 * 56, kept_px=2048, batch=2)
+        chunks = (side // 512) ** 2
+        figures["gpu"] = {
+            "limit": {k: round(v, 3) if isinstance(v, float) else v for k, v in gpu.items()},
+            "block_bound_tiles_s": round(gpu_blocks["tiles_s"], 1),
+            "all_tissue_tiles_s": round(chunks / t_all, 1),
+            "all_tissue_fraction_of_limit": round(chunks / t_all / gpu["tiles_s"], 3),
+            "busy_fraction_during_all_tissue_runs": busy.fraction if busy is not None else None,
+        }
     t_half = min(h for h, _ in half_pairs)
     t_half_noskip = min(n for _, n in half_pairs)
     figures["half_glass"] = {"seconds": round(t_half, 1), "seconds_without_skipping": round(t_half_noskip, 1),
