@@ -112,7 +112,26 @@ def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batc
             "tiles_s": n * chunks / elapsed, "mp_s": n * chunks * 512 * 512 / 1e6 / elapsed}
 
 
-class GpuBusy:
+class _Sampler:
+    """A thread that samples something while a ``with`` block runs."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):  # the subclass, for `with X() as x`
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class GpuBusy(_Sampler):
     """Mean GPU utilisation over a block (nvidia-smi's utilization.gpu: the share of time a kernel ran).
 
     Sampled every 100 ms over all GPUs, through NVML (``torch.cuda.utilization``) or ``nvidia-smi``;
@@ -121,8 +140,7 @@ class GpuBusy:
 
     def __init__(self) -> None:
         self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     @staticmethod
     def _sample() -> float | None:
@@ -155,22 +173,13 @@ class GpuBusy:
     def fraction(self) -> float | None:
         return round(float(np.mean(self.samples)) / 100, 3) if self.samples else None
 
-    def __enter__(self) -> GpuBusy:
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class PeakRSS:
+class PeakRSS(_Sampler):
     """Peak of (this process + its children) RSS, sampled in a thread."""
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self) -> None:
         me = psutil.Process()
@@ -183,14 +192,6 @@ class PeakRSS:
                     pass
             self.peak_mb = max(self.peak_mb, total / 2**20)
             time.sleep(0.05)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def timed_run(slide: Path, out: Path, card: Path | None, **kwargs) -> tuple[float, dict]:
