@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,17 @@ def read_window(image: zarr.Array, window: geometry.Window) -> npt.NDArray[np.ui
     return geometry.pad_window(pixels, window.pad)
 
 
-def predict_windows(model: Any, inputs: list[npt.NDArray[np.uint8]], batch_size: int) -> list[npt.NDArray[np.float32]]:
-    """Probabilities for each input; inputs of the same shape go through the model together."""
-    out: list[npt.NDArray[np.float32] | None] = [None] * len(inputs)
+def predict_windows(
+    model: Any,
+    inputs: list[npt.NDArray[np.uint8]],
+    batch_size: int,
+    consume: Callable[[int, npt.NDArray[np.float32]], None],
+) -> None:
+    """Probabilities for each input, handed to ``consume(index, probabilities)`` as each batch comes back.
+
+    Inputs of the same shape go through the model together.  Nothing is kept
+    here: a task holds one batch's probabilities at a time, not its block's.
+    """
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(inputs):
         by_shape.setdefault(x.shape, []).append(i)
@@ -114,8 +123,7 @@ def predict_windows(model: Any, inputs: list[npt.NDArray[np.uint8]], batch_size:
             part = idx[s : s + batch_size]
             probs = model.predict_proba(np.stack([inputs[i] for i in part]))
             for i, p in zip(part, probs):
-                out[i] = p
-    return out  # type: ignore[return-value]
+                consume(i, p)
 
 
 @dataclass
@@ -188,8 +196,6 @@ def infer_blocks(
             for piece in geometry.split_rect(rect, forward_chunks):
                 win = geometry.rect_window(piece, halo_px=halo_px, shape_px=shape)
                 jobs.append((b, win, geometry.cut_window(region, region_win, win)))
-    probs = predict_windows(model, [x for _, _, x in jobs], batch_size)
-
     mask_writer = ChunkWriter(Path(mask_path) / "0")
     prob_writer = ChunkWriter(Path(prob_path) / "0") if prob_path else None
     shapes = [
@@ -198,7 +204,10 @@ def infer_blocks(
     ]
     masks = [np.zeros(hw, np.uint8) for hw in shapes]
     probs8 = [np.zeros(hw, np.uint8) for hw in shapes] if prob_writer is not None else None
-    for (b, win, x), p in zip(jobs, probs):
+
+    def place(i: int, p: npt.NDArray[np.float32]) -> None:
+        # Keep the window's centre: thresholded (and clipped off glass) into the block's mask canvas.
+        b, win, x = jobs[i]
         crop = win.crop()
         kept = p[crop]
         mask = (kept >= threshold).astype(np.uint8)
@@ -209,6 +218,8 @@ def infer_blocks(
         masks[b][kept_rows, kept_cols] = mask
         if probs8 is not None:
             probs8[b][kept_rows, kept_cols] = np.round(kept * 255).astype(np.uint8)
+
+    predict_windows(model, [x for _, _, x in jobs], batch_size, place)
     partials: list[stats.ChunkPartial] = []
     outlines: dict[int, str] = {}
     small_removed = 0
