@@ -830,10 +830,15 @@ def _run_one(
         manifest["tissue"] = {k: v for k, v in tr.attributes().items() if k != "grid"}
         timings["tissue"] = time.perf_counter() - t0
 
+        block_chunks = params.block_chunks if gpu else cpu_block_chunks(tr.grid, params.block_chunks, task_threads)
+        manifest["block_chunks_used"] = block_chunks
         t = time.perf_counter()
         tiles = slide_dir / TILES_NAME
+        # The tiling tasks take the configured block side, halved like the inference blocks for small
+        # slides (tile.block-chunks is 4 as run.block-chunks is: one task for a 2048² slide otherwise).
         tile_slide(path, tiles, overwrite=True, tissue_result=tr, mpp_um=params.mpp_um_override,
-                   all_tissue=params.all_tissue, context_chunks=-(-params.halo_px // CHUNK_PX))
+                   all_tissue=params.all_tissue, context_chunks=-(-params.halo_px // CHUNK_PX),
+                   block_chunks=None if block_chunks == params.block_chunks else block_chunks)
         timings["tile"] = time.perf_counter() - t
 
         attrs = {
@@ -847,8 +852,6 @@ def _run_one(
             "slidejob_version": __version__,
         }
         min_area_px = stats.min_area_px(params.min_lesion_area_um2, info.mpp_um)
-        block_chunks = params.block_chunks if gpu else cpu_block_chunks(tr.grid, params.block_chunks, task_threads)
-        manifest["block_chunks_used"] = block_chunks
         # Levels whose chunks each lie inside one inference block are written by the tasks.
         task_levels = min(maskstore.levels_within_blocks(block_chunks),
                           maskstore.n_levels_for(info.height_px, info.width_px) - 1)
