@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from slidejob.stats import CONNECTIVITY_8
+from slidejob.stats import CONNECTIVITY_8, on_border
 
 Ring = npt.NDArray[np.int64]  # (k, 2) vertices (x, y), not repeated at the end
 
@@ -264,9 +264,7 @@ def interior_outlines(
     labels, n = ndimage.label(np.asarray(mask) != 0, structure=CONNECTIVITY_8)
     if n == 0:
         return {}
-    keep = np.ones(n + 1, bool)
-    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
-        keep[edge] = False
+    keep = ~on_border(labels, n)
     keep[0] = False
     kept = keep[labels]
     if not kept.any():

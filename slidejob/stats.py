@@ -284,6 +284,20 @@ def _mm2(px: float, mpp_um: float | None) -> float | None:
 _NO_EDGE = np.zeros(0, np.uint8)
 
 
+def on_border(labels: npt.NDArray[np.integer], n: int) -> npt.NDArray[np.bool_]:
+    """For labels 0..n of a label image, whether the label appears on the image's outer rows or columns.
+
+    Entry 0 (background) is True when background touches the border.
+
+    >>> on_border(np.array([[1, 0, 0], [0, 2, 0], [0, 0, 0]]), 2).tolist()
+    [True, True, False]
+    """
+    border = np.zeros(n + 1, bool)
+    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+        border[edge] = True
+    return border
+
+
 def _empty_partial(y0: int, x0: int, shape: tuple[int, int]) -> ChunkPartial:
     z1 = np.zeros(0, np.int64)
     return ChunkPartial(
@@ -363,10 +377,7 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
     )
     first_px = np.stack([row_y[lab_start] + y0, row_c0[lab_start] + x0], axis=1)
 
-    on_edge = np.zeros(n + 1, bool)
-    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
-        on_edge[edge] = True
-    on_edge = on_edge[1:]
+    on_edge = on_border(labels, n)[1:]
 
     # Corners grouped by component, rows ascending (row_* are sorted by component then row).
     corners = np.stack(
@@ -649,10 +660,8 @@ def remove_small_interior(mask: npt.NDArray[np.uint8], min_area_px: int) -> int:
     labels, n = ndimage.label(mask != 0, structure=CONNECTIVITY_8)
     if n == 0:
         return 0
-    drop = np.bincount(labels.ravel(), minlength=n + 1) < min_area_px
+    drop = (np.bincount(labels.ravel(), minlength=n + 1) < min_area_px) & ~on_border(labels, n)
     drop[0] = False
-    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
-        drop[edge] = False
     n_drop = int(drop.sum())
     if n_drop:
         mask[drop[labels]] = 0
