@@ -139,21 +139,28 @@ def levels_within_blocks(block_chunks: int) -> int:
 
 
 def write_levels(
-    path: Path, region: npt.NDArray[np.uint8], origin_chunk: tuple[int, int], levels: int, *, reducer: str
+    path: Path,
+    region: npt.NDArray[np.uint8],
+    origin_chunk: tuple[int, int],
+    levels: int,
+    *,
+    reducer: str,
+    base_level: int = 0,
 ) -> int:
-    """Write levels 1..``levels`` of a store from a whole region of level 0, sparsely.
+    """Write the ``levels`` levels above ``base_level`` of a store from a whole region of it, sparsely.
 
-    ``region`` is level 0 from chunk ``origin_chunk`` (row, col; multiples of
-    2**levels) to the end of a 2**levels-aligned box or the slide's edge, with
-    absent chunks as zeros: every chunk of those levels under it is made from
-    it alone.  All-zero chunks stay absent.  Returns the chunks written.
+    ``region`` is level ``base_level`` from chunk ``origin_chunk`` (row, col;
+    multiples of 2**levels) to the end of a 2**levels-aligned box or the
+    level's edge, with absent chunks as zeros: every chunk of the levels above
+    under it is made from it alone.  All-zero chunks stay absent.  Returns the
+    chunks written.
     """
     reduce = downsample_max if reducer == "max" else downsample_mean
     written = 0
     level = region
     for lv in range(1, levels + 1):
         level = reduce(level)
-        writer = ChunkWriter(Path(path) / str(lv))
+        writer = ChunkWriter(Path(path) / str(base_level + lv))
         r0, c0 = origin_chunk[0] >> lv, origin_chunk[1] >> lv
         for r in range(-(-level.shape[0] // CHUNK_PX)):
             for c in range(-(-level.shape[1] // CHUNK_PX)):

@@ -494,19 +494,10 @@ def cpu_block_chunks(grid: npt.NDArray[np.bool_], block_chunks: int, task_thread
 
 def _pyramid_block(path: str, level: int, r0: int, c0: int, n: int, reducer: str) -> int:
     src = zarr.open_array(Path(path) / str(level - 1), mode="r")
-    dst = chunkstore.ChunkWriter(Path(path) / str(level))
-    reduce = maskstore.downsample_max if reducer == "max" else maskstore.downsample_mean
     step = 2 * CHUNK_PX
     block = np.asarray(src[r0 * step : (r0 + n) * step, c0 * step : (c0 + n) * step])
-    small = reduce(block)
-    written = 0
-    for r in range(n):
-        for c in range(n):
-            part = small[r * CHUNK_PX : (r + 1) * CHUNK_PX, c * CHUNK_PX : (c + 1) * CHUNK_PX]
-            if part.size and part.any():  # sparse: all-zero chunks stay absent, as fill value 0
-                dst.write((r0 + r, c0 + c), part)
-                written += 1
-    return written
+    # The block is 2n × 2n chunks of the level below, from chunk (2 r0, 2 c0).
+    return maskstore.write_levels(Path(path), block, (2 * r0, 2 * c0), 1, reducer=reducer, base_level=level - 1)
 
 
 def build_pyramid(
