@@ -484,11 +484,12 @@ def cpu_block_chunks(grid: npt.NDArray[np.bool_], block_chunks: int, task_thread
     >>> cpu_block_chunks(np.ones((40, 40), bool), 4, 16), cpu_block_chunks(np.ones((1, 1), bool), 4, 2)
     (4, 4)
     """
-    while block_chunks > 1 and len(block_slices(grid, block_chunks)) < task_threads:
-        smaller = block_chunks // 2
-        if len(block_slices(grid, smaller)) <= len(block_slices(grid, block_chunks)):
+    n_blocks = len(block_slices(grid, block_chunks))
+    while block_chunks > 1 and n_blocks < task_threads:
+        n_smaller = len(block_slices(grid, block_chunks // 2))
+        if n_smaller <= n_blocks:
             break
-        block_chunks = smaller
+        block_chunks, n_blocks = block_chunks // 2, n_smaller
     return block_chunks
 
 
@@ -743,6 +744,12 @@ def run_batch(
         "threshold": params.threshold,
         "mpp_um": card.mpp_um,
     }
+    # An explicit block size is used as given; the configured one shrinks for small slides
+    # (cpu_block_chunks) until the cluster's task threads each have a block.
+    if block_chunks is not None:
+        task_threads = 1
+    else:
+        task_threads = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1)
     slides = wsi.find_slides(list(inputs))
     logger.info("%d slide(s) to process into %s", len(slides), out_dir)
     outcomes = []
@@ -750,9 +757,7 @@ def run_batch(
         outcome = _run_one(
             path, out_dir, spec=spec, params=params, model_info=model_info, batch_size=batch,
             blocks_per_task=blocks_per_task, gpu=gpu, keep_tiles=keep_tiles, force=force,
-            # An explicit block size is used as given; the configured one shrinks for small slides.
-            task_threads=(sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1))
-            if block_chunks is None else 1,
+            task_threads=task_threads,
         )
         logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
                     f" — {outcome.error}" if outcome.error else "", outcome.seconds)
