@@ -5,6 +5,11 @@ From one run:
   * the decode limit: tifffile+imagecodecs decoding the same file's level-0 tiles
     on the same number of threads, doing nothing else,
   * their ratio (target ≥ 0.7),
+  * the same two figures for a 16384² JPEG slide generated from real H&E: 256² tissue
+    patches of CMU-1-Small-Region (``../shared/data``, CC0), when that file is present.
+    The generated texture is noise-like: Blosc-LZ4 shrinks its chunks 1.06× and takes
+    ~1 ms each, against 2.4× and ~0.3 ms for real H&E, so the generated slide
+    overstates what compressing the store costs,
   * peak RSS of tiling 8192² and 32768² slides, each in a fresh process, and
     their ratio (target ≤ 1.2).
 
@@ -24,10 +29,12 @@ import time
 from pathlib import Path
 
 import dask
+import numpy as np
 import tifffile
 
 from slidejob.pipeline import tile_slide
 from slidejob.synthetic import write_slide
+from slidejob.wsi import open_slide
 
 
 def make_slide(workdir: Path, side_px: int, tissue: str = "all") -> Path:
@@ -37,6 +44,39 @@ def make_slide(workdir: Path, side_px: int, tissue: str = "all") -> Path:
         tmp = path.with_suffix(".tmp.tif")
         write_slide(tmp, side_px, side_px, tissue_boxes=boxes, compression="jpeg", n_levels=4, texture_pool=16)
         tmp.rename(path)
+    return path
+
+
+REAL_SOURCE = Path(__file__).resolve().parents[2] / "shared/data/slides/aperio/CMU-1-Small-Region.svs"
+
+
+def make_real_texture_slide(workdir: Path, side_px: int, source: Path = REAL_SOURCE) -> Path | None:
+    """A ``side_px``² slide tiled with 256² patches of real H&E that are all tissue (every level alike)."""
+    path = workdir / f"bench-{side_px}-real.tif"
+    if path.exists():
+        return path
+    if not source.exists():
+        return None
+    with open_slide(source) as reader:
+        image = reader.read_region(0, 0, reader.info.height_px, reader.info.width_px)
+    tile = 256
+    patches = []
+    for y in range(0, image.shape[0] - tile + 1, tile):
+        for x in range(0, image.shape[1] - tile + 1, tile):
+            p = image[y : y + tile, x : x + tile]
+            # Tissue: stained (saturated) pixels, as the tissue detector sees them.
+            if ((p.max(axis=2).astype(int) - p.min(axis=2)) > 25).mean() > 0.9:
+                patches.append(np.ascontiguousarray(p))
+    tmp = path.with_suffix(".tmp.tif")
+    with tifffile.TiffWriter(tmp, bigtiff=side_px * side_px * 3 > 2**31) as tw:
+        for level in range(4):
+            n = side_px >> level
+            tiles = (patches[(i * 7 + i // 13) % len(patches)] for i in range((n // tile) ** 2))
+            extra = {"subifds": 3} if level == 0 else {"subfiletype": 1}
+            tw.write(tiles, shape=(n, n, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                     compression="jpeg", compressionargs={"level": 90}, resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER", **extra)
+    tmp.rename(path)
     return path
 
 
@@ -91,27 +131,37 @@ def main() -> None:
     s32 = make_slide(args.workdir, 32768)
     print(f"slides ready in {time.perf_counter() - t0:.0f} s; threads={args.threads}")
 
+    s16_real = make_real_texture_slide(args.workdir, 16384)
     out = args.workdir / "tile.zarr"
-    decode = [decode_limit_mp_s(s16, args.threads) for _ in range(3)]
-    tiling = [tile_mp_s(s16, out, args.threads) for _ in range(3)]
-    best_decode = max(decode)
-    best_tile, timings = max(tiling, key=lambda t: t[0])
+    figures: dict = {"threads": args.threads}
+    for label, slide in (("generated", s16), ("real_texture", s16_real)):
+        if slide is None:
+            continue
+        # Interleaved, so that both figures see the same moments of this shared machine.
+        decode, tiling = [], []
+        for _ in range(3):
+            decode.append(decode_limit_mp_s(slide, args.threads))
+            tiling.append(tile_mp_s(slide, out, args.threads))
+        best_decode = max(decode)
+        best_tile, timings = max(tiling, key=lambda t: t[0])
+        figures[label] = {
+            "decode_limit_mp_s": round(best_decode, 1),
+            "tiling_mp_s": round(best_tile, 1),
+            "tiling_over_decode": round(best_tile / best_decode, 3),
+            "tiling_timings_s": timings,
+            "store_mb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6, 1),
+        }
     rss8 = peak_rss_mb(s8, args.workdir / "rss8.zarr", args.threads)
     rss32 = peak_rss_mb(s32, args.workdir / "rss32.zarr", args.threads)
     for p in ("tile.zarr", "rss8.zarr", "rss32.zarr"):
         shutil.rmtree(args.workdir / p, ignore_errors=True)
-    figures = {
-        "threads": args.threads,
-        "decode_limit_mp_s": round(best_decode, 1),
-        "tiling_mp_s": round(best_tile, 1),
-        "tiling_over_decode": round(best_tile / best_decode, 3),
-        "tiling_timings_s": timings,
+    figures.update({
         "peak_rss_8192_mb": round(rss8, 1),
         "peak_rss_32768_mb": round(rss32, 1),
         "peak_rss_ratio_32768_over_8192": round(rss32 / rss8, 3),
-    }
+    })
     print(json.dumps(figures, indent=2))
-    ok = figures["tiling_over_decode"] >= 0.7 and figures["peak_rss_ratio_32768_over_8192"] <= 1.2
+    ok = figures["generated"]["tiling_over_decode"] >= 0.7 and figures["peak_rss_ratio_32768_over_8192"] <= 1.2
     print("targets (ratio >= 0.7, rss ratio <= 1.2):", "MET" if ok else "NOT MET")
 
 

@@ -266,18 +266,17 @@ class TiffChunkReader:
                 starts.append(int(sel))
                 stops.append(int(sel) + 1)
                 keep.append(False)
-        out = np.full([b - a for a, b in zip(starts, stops)], self._fill, dtype=self.dtype)
+        # The chunks tile the box, so every pixel is written once: no need to fill it first.
+        out = np.empty([b - a for a, b in zip(starts, stops)], dtype=self.dtype)
         if out.size:
             ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
             for index in itertools.product(*ranges):
-                chunk = self._chunk(index)
-                if chunk is None:
-                    continue
                 lo = [max(a, i * c) for a, i, c in zip(starts, index, self.chunks)]
                 hi = [min(b, (i + 1) * c) for b, i, c in zip(stops, index, self.chunks)]
-                out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))] = chunk[
-                    tuple(slice(l - i * c, h - i * c) for l, h, i, c in zip(lo, hi, index, self.chunks))
-                ]
+                target = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))
+                source = tuple(slice(l - i * c, h - i * c) for l, h, i, c in zip(lo, hi, index, self.chunks))
+                chunk = self._chunk(index)
+                out[target] = self._fill if chunk is None else chunk[source]
         return out[tuple(slice(None) if k else 0 for k in keep)]
 
 
