@@ -33,6 +33,7 @@ import numpy.typing as npt
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from slidejob.chunked import read_chunked
 from slidejob.errors import OutputExists
 
 logger = logging.getLogger(__name__)
@@ -150,10 +151,8 @@ class ChunkWriter:
     def write(self, index: tuple[int, ...], data: npt.NDArray[Any]) -> None:
         """Write chunk ``index`` (grid coordinates); ``data`` may be smaller than a chunk at the array's edge."""
         if self._blosc is None:
-            if self._array is None:
-                self._array = zarr.open_array(self.array_path, mode="r+")
             sel = tuple(slice(i * c, i * c + n) for i, c, n in zip(index, self.chunks, data.shape))
-            self._array[sel] = data
+            self._zarr_array()[sel] = data
             return
         if data.shape != self.chunks:
             full = np.full(self.chunks, self.fill_value, dtype=self.dtype)
@@ -175,24 +174,43 @@ class ChunkWriter:
         """
         shape = tuple(min(c, n - i * c) for i, c, n in zip(index, self.chunks, self.shape))
         if self._blosc is None:
-            if self._array is None:
-                self._array = zarr.open_array(self.array_path, mode="r+")
             sel = tuple(slice(i * c, i * c + n) for i, c, n in zip(index, self.chunks, shape))
-            return np.array(self._array[sel])
+            return np.array(self._zarr_array()[sel])
+        chunk = self._stored(index)
+        if chunk is None:
+            return np.full(shape, self.fill_value, dtype=self.dtype)
+        return chunk[tuple(slice(0, n) for n in shape)].copy()
+
+    def read_box(self, box: tuple[slice, ...]) -> npt.NDArray[Any]:
+        """``array[box]`` (step-1 slices), read chunk by chunk past zarr like :meth:`read`.
+
+        Inference tasks read their block plus its halo this way: through
+        ``zarr.Array`` every chunk of every task also queues for zarr's one
+        event-loop thread.
+        """
+        if self._blosc is None:
+            return np.asarray(self._zarr_array()[box])
+        return read_chunked(box, self.shape, self.chunks, self._stored, dtype=self.dtype, fill_value=self.fill_value)
+
+    def _stored(self, index: tuple[int, ...]) -> npt.NDArray[Any] | None:
+        """The whole stored chunk ``index`` (read-only), or None where it is absent."""
+        assert self._blosc is not None
         try:
             encoded = self._chunk_path(index).read_bytes()
         except FileNotFoundError:
-            return np.full(shape, self.fill_value, dtype=self.dtype)
-        full = np.frombuffer(self._blosc.decode(encoded), dtype=self.dtype).reshape(self.chunks)
-        return full[tuple(slice(0, n) for n in shape)].copy()
+            return None
+        return np.frombuffer(self._blosc.decode(encoded), dtype=self.dtype).reshape(self.chunks)
+
+    def _zarr_array(self) -> zarr.Array:
+        if self._array is None:
+            self._array = zarr.open_array(self.array_path, mode="r+")
+        return self._array
 
     def delete(self, index: tuple[int, ...]) -> None:
         """Remove chunk ``index`` (it then reads as the fill value); absent already is fine."""
         if self._blosc is None:
-            if self._array is None:
-                self._array = zarr.open_array(self.array_path, mode="r+")
             sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks))
-            self._array[sel] = self.fill_value
+            self._zarr_array()[sel] = self.fill_value
             return
         self._chunk_path(index).unlink(missing_ok=True)
 

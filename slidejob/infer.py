@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import zarr
 
 from slidejob import chunkstore, geometry, maskstore, outline, stats, tissue
 from slidejob.chunkstore import CHUNK_PX, ChunkWriter
@@ -98,9 +97,10 @@ def load_count() -> int:
     return LOAD_COUNT
 
 
-def read_window(image: zarr.Array, window: geometry.Window) -> npt.NDArray[np.uint8]:
+def read_window(image: ChunkWriter, window: geometry.Window) -> npt.NDArray[np.uint8]:
     """Read a window from the level-0 tile store and reflect-pad it to the model's input."""
-    pixels = np.asarray(image[window.read_y0 : window.read_y1, window.read_x0 : window.read_x1])
+    pixels = image.read_box((slice(window.read_y0, window.read_y1), slice(window.read_x0, window.read_x1),
+                             slice(None)))
     return geometry.pad_window(pixels, window.pad)
 
 
@@ -183,7 +183,7 @@ def infer_blocks(
     died) rewrites the same bytes and returns the same result.
     """
     model = get_model(spec)
-    image = zarr.open_array(Path(tiles_path) / chunkstore.LEVEL0, mode="r")
+    image = ChunkWriter(Path(tiles_path) / chunkstore.LEVEL0)
     shape = (int(image.shape[0]), int(image.shape[1]))
     jobs: list[tuple[int, geometry.Window, npt.NDArray[np.uint8]]] = []
     bounds: list[geometry.Rect] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
 
+from slidejob.chunked import read_chunked
 from slidejob.errors import CorruptSlide, SlideNotFound, UnsupportedSlide
 
 logger = logging.getLogger(__name__)
@@ -253,31 +253,7 @@ class TiffChunkReader:
 
     def read(self, box: tuple[int | slice, ...]) -> npt.NDArray[Any]:
         """The box ``box`` (an int or a step-1 slice per axis; ints drop their axis), like ``array[box]``."""
-        starts, stops, keep = [], [], []
-        for sel, n in zip(box, self.shape):
-            if isinstance(sel, slice):
-                start, stop, step = sel.indices(n)
-                if step != 1:
-                    raise ValueError("strided boxes are not supported")
-                starts.append(start)
-                stops.append(max(start, stop))
-                keep.append(True)
-            else:
-                starts.append(int(sel))
-                stops.append(int(sel) + 1)
-                keep.append(False)
-        # The chunks tile the box, so every pixel is written once: no need to fill it first.
-        out = np.empty([b - a for a, b in zip(starts, stops)], dtype=self.dtype)
-        if out.size:
-            ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(starts, stops, self.chunks)]
-            for index in itertools.product(*ranges):
-                lo = [max(a, i * c) for a, i, c in zip(starts, index, self.chunks)]
-                hi = [min(b, (i + 1) * c) for b, i, c in zip(stops, index, self.chunks)]
-                target = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, starts))
-                source = tuple(slice(l - i * c, h - i * c) for l, h, i, c in zip(lo, hi, index, self.chunks))
-                chunk = self._chunk(index)
-                out[target] = self._fill if chunk is None else chunk[source]
-        return out[tuple(slice(None) if k else 0 for k in keep)]
+        return read_chunked(box, self.shape, self.chunks, self._chunk, dtype=self.dtype, fill_value=self._fill)
 
 
 class SlideReader:

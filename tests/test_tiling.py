@@ -166,3 +166,22 @@ def test_chunk_writer_reads_what_zarr_reads_and_deletes(tmp_path: Path) -> None:
     io.delete((0, 0))
     np.testing.assert_array_equal(mask[512:, 512:1024], data[512:, 512:1024])
     assert not mask[:512, :512].any() and chunkstore.stored_chunks(tmp_path / "s.zarr", "0") == {(0, 1), (1, 0), (1, 1)}
+
+
+@pytest.mark.parametrize("codec", ["blosc", "zstd"])  # the writer's own path, and zarr's for any other codec
+def test_chunk_writer_read_box_equals_zarr(tmp_path: Path, codec: str) -> None:
+    compressors = ([zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")] if codec == "blosc"
+                   else [zarr.codecs.ZstdCodec(level=1)])
+    image = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3).create_array(
+        "0", shape=(1300, 1100, 3), chunks=(512, 512, 3), dtype="uint8", fill_value=255, compressors=compressors,
+        config={"write_empty_chunks": False})
+    data = np.random.default_rng(1).integers(0, 255, (1300, 1100, 3), dtype=np.uint8)
+    image[:1024, :512] = data[:1024, :512]  # two chunks present, the rest absent (white)
+    image[1024:, 512:] = data[1024:, 512:]  # edge chunks, cut at the array's border
+    io = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0")
+    assert (io._blosc is not None) == (codec == "blosc")
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        y0, x0 = int(rng.integers(0, 1300)), int(rng.integers(0, 1100))
+        box = (slice(y0, y0 + int(rng.integers(1, 900))), slice(x0, x0 + int(rng.integers(1, 900))), slice(None))
+        np.testing.assert_array_equal(io.read_box(box), image[box])
