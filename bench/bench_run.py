@@ -14,7 +14,6 @@ the all-tissue run twice (the faster one), the half-glass pair three times (half
 skipping), reporting the ratio of the fastest of each and the median of the three pairwise ratios.
   * peak memory, client plus all workers (RSS sampled every 50 ms), for an 8192² slide and a
     32768² slide holding the same 8192² of tissue (target ≤ 1.5 GB, ratio ≤ 1.2).
-The limits are measured under the workers' malloc settings (the script re-runs itself with them).
 When the embedded cluster has GPU workers, "gpu" adds the GPU's own limit (512² batches in the precision
 ``auto`` picks there), tiles/s of the all-tissue runs on the GPU workers, their fraction of that limit, and
 the GPUs' busy fraction sampled during those runs (NVML or nvidia-smi).
@@ -28,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from slidejob.pipeline import WORKER_ENVIRON, dask_client, local_cluster_shape, run_batch
+from slidejob.pipeline import dask_client, local_cluster_shape, run_batch
 from slidejob.synthetic import write_slide
 
 
@@ -211,19 +209,7 @@ def warm_up(workdir: Path, card: Path | None) -> None:
     run_batch([slide], workdir / "warm-out", weights=card, force=True)
 
 
-def same_allocator_as_workers() -> None:
-    """Re-run this script under the workers' malloc settings (read by glibc at start-up only).
-
-    The limits are measured in this process: under another allocator set-up than the
-    workers' they would not be the same forward (it runs up to 1.4x faster or slower).
-    """
-    wanted = {k: str(v) for k, v in WORKER_ENVIRON.items()}
-    if any(os.environ.get(k) != v for k, v in wanted.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
-
-
 def main() -> None:
-    same_allocator_as_workers()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", type=int, default=8192)
     ap.add_argument("--workdir", type=Path, default=Path(__file__).parent / "out")

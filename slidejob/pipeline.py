@@ -328,14 +328,9 @@ def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | 
 #: turns off glibc's adaptive mmap threshold, and every allocation over 128 KiB
 #: (each activation of a forward) then becomes a fresh mmap that page-faults in:
 #: a CPU forward ran 1.6x slower (353 vs 223 ms per 512-px chunk).  Allocations
-#: up to 32 MiB (glibc's own adaptive ceiling) come from the heap again.  Even
-#: so, a heap trimmed back to 64 KiB after every forward faults its pages in
-#: again for the next one: 624² forwards on two threads ran at 3.6-3.8 MP/s
-#: with Dask's trim threshold, 4.1-4.8 with 64 MiB and 4.9-5.4 with 128 MiB
-#: (three interleaved rounds).  128 MiB is more than one per-thread heap (64 MiB),
-#: so a worker keeps at most that much freed memory at each heap's top.
+#: up to 32 MiB (glibc's own adaptive ceiling) come from the heap again.
 #: Workers of a cluster started outside slidejob (--scheduler) want it in their environment too.
-WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20, "MALLOC_TRIM_THRESHOLD_": 128 * 2**20}
+WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from slidejob import chunkstore, export, infer, maskstore, stats
 from slidejob.model import load_model
-from slidejob.pipeline import WORKER_ENVIRON, dask_client, run_batch, slide_id_for
+from slidejob.pipeline import run_batch, slide_id_for
 from slidejob.synthetic import write_slide
 from slidejob.wsi import open_slide
 
@@ -233,19 +233,6 @@ def test_one_bad_slide_does_not_stop_the_batch(tiny_model: Path, tmp_path: Path)
     rows = summarydb.query(summarydb.db_path_for(tmp_path / "out"), "SELECT status, count(*) FROM slides GROUP BY 1")
     assert sorted(tuple(r) for r in rows.rows) == [("failed", 2), ("ok", 1)]
     assert good is not None
-
-
-def _environ(names: list[str]) -> dict[str, str | None]:
-    return {k: os.environ.get(k) for k in names}
-
-
-def test_embedded_cluster_workers_get_the_allocator_settings() -> None:
-    # Dask's nanny trims freed memory back to 64 KiB; the workers' forwards then fault their pages in
-    # afresh every time (pipeline.WORKER_ENVIRON).  Ours must win over Dask's in the worker processes.
-    with dask_client(n_workers=1, threads_per_worker=1) as client:
-        env = next(iter(client.run(_environ, list(WORKER_ENVIRON)).values()))
-    assert env == {k: str(v) for k, v in WORKER_ENVIRON.items()}
-    assert int(env["MALLOC_TRIM_THRESHOLD_"]) > 65536
 
 
 @pytest.mark.slow
