@@ -239,6 +239,8 @@ Exit status: 0 when every slide succeeded, 1 when any failed (the others still r
 @click.option("--save-probabilities", is_flag=True, help="Also write probability.ome.zarr (uint8).")
 @click.option("--keep-tiles", is_flag=True, help="Keep each slide's tiles.zarr.")
 @click.option("--force", is_flag=True, help="Redo slides already done with the same inputs.")
+@click.option("--slides-in-flight", type=click.IntRange(1, 64), default=None,
+              help="Slides processed at once, overlapping on the cluster (default 2).")
 @MPP_OPTION
 @MIN_TISSUE_OPTION
 @ALL_TISSUE_OPTION
@@ -265,6 +267,7 @@ def run(
     save_probabilities: bool,
     keep_tiles: bool,
     force: bool,
+    slides_in_flight: int | None,
     mpp_um: float | None,
     min_tissue_fraction: float | None,
     all_tissue: bool,
@@ -290,6 +293,7 @@ def run(
             halo_px=halo_px, block_chunks=block_chunks, forward_chunks=forward_chunks, batch_size=batch_size,
             save_probabilities=save_probabilities, mpp_um=mpp_um, min_tissue_fraction=min_tissue_fraction,
             all_tissue=all_tissue, min_lesion_area_um2=min_lesion_area_um2, keep_tiles=keep_tiles, force=force,
+            slides_in_flight=slides_in_flight,
         )
     for o in result.outcomes:
         click.echo(f"{o.status:8s} {o.slide_id}  {o.source}" + (f"  ({o.error})" if o.error else ""))

@@ -13,8 +13,10 @@ import contextlib
 import datetime as _dt
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,6 +425,10 @@ def _task_threads_per_host(client: Any) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+#: What an inference task asks of a worker on a cluster that has GPU workers.
+GPU_RESOURCES = {"GPU": 1}
+
+
 def inference_tasks(
     grid: npt.NDArray[np.bool_],
     *,
@@ -436,7 +442,6 @@ def inference_tasks(
     forward_chunks: int,
     batch_size: int,
     blocks_per_task: int,
-    gpu: bool,
     clip_to_tissue: bool = True,
     min_area_px: int = 0,
     pyramid_levels: int = 0,
@@ -445,29 +450,32 @@ def inference_tasks(
 
     A task covers ``blocks_per_task`` blocks of ``block_chunks``² chunks and
     infers only their tissue rectangles, in forwards of at most ``forward_chunks``².
+    On a cluster with GPU workers, compute them with :data:`GPU_RESOURCES`
+    (``dask.compute(*tasks, resources=GPU_RESOURCES)``), not under ``dask.annotate``:
+    annotations live in Dask's global config, which the batch's other slides,
+    built in other threads at the same time, would pick up.
     """
     blocks = [
         [(by + r0, bx + c0, by + r1, bx + c1) for r0, c0, r1, c1 in geometry.tissue_rectangles(sub)]
         for by, bx, sub in block_slices(grid, block_chunks)
     ]
-    with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
-        return [
-            dask.delayed(infer.infer_blocks, pure=False)(
-                spec,
-                str(tiles_path),
-                str(mask_path),
-                str(prob_path) if prob_path else None,
-                blocks[i : i + blocks_per_task],
-                halo_px=halo_px,
-                threshold=threshold,
-                batch_size=batch_size,
-                forward_chunks=forward_chunks,
-                clip_to_tissue=clip_to_tissue,
-                min_area_px=min_area_px,
-                pyramid_levels=pyramid_levels,
-            )
-            for i in range(0, len(blocks), blocks_per_task)
-        ]
+    return [
+        dask.delayed(infer.infer_blocks, pure=False)(
+            spec,
+            str(tiles_path),
+            str(mask_path),
+            str(prob_path) if prob_path else None,
+            blocks[i : i + blocks_per_task],
+            halo_px=halo_px,
+            threshold=threshold,
+            batch_size=batch_size,
+            forward_chunks=forward_chunks,
+            clip_to_tissue=clip_to_tissue,
+            min_area_px=min_area_px,
+            pyramid_levels=pyramid_levels,
+        )
+        for i in range(0, len(blocks), blocks_per_task)
+    ]
 
 
 def cpu_block_chunks(grid: npt.NDArray[np.bool_], block_chunks: int, task_threads: int) -> int:
@@ -655,6 +663,7 @@ def run_batch(
     min_lesion_area_um2: float | None = None,
     keep_tiles: bool = False,
     force: bool = False,
+    slides_in_flight: int | None = None,
 ) -> BatchResult:
     """Segment cancer in every slide of ``inputs`` (files and directories) into ``out_dir``.
 
@@ -700,6 +709,10 @@ def run_batch(
         Keep each slide's ``tiles.zarr`` after its mask is written.
     force
         Redo slides already done.
+    slides_in_flight
+        Slides processed at once on a Dask cluster (config ``run.slides-in-flight``, default 2 when
+        None): the next slide's tiling and the last one's merge and exports fill the workers' idle
+        time.  Without a cluster, one.
     """
     from slidejob.model import ModelCard, resolve_model_paths
 
@@ -751,17 +764,43 @@ def run_batch(
     else:
         task_threads = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1)
     slides = wsi.find_slides(list(inputs))
-    logger.info("%d slide(s) to process into %s", len(slides), out_dir)
-    outcomes = []
-    for i, path in enumerate(slides, 1):
-        outcome = _run_one(
+    # Without a cluster, dask.compute runs on a thread pool of its own per call: slides one by one.
+    in_flight = max(1, int(config.get("run.slides-in-flight", slides_in_flight))) if client is not None else 1
+    in_flight = min(in_flight, len(slides)) or 1
+    logger.info("%d slide(s) to process into %s (%d in flight)", len(slides), out_dir, in_flight)
+    stopping = threading.Event()
+
+    def one(path: Path) -> SlideOutcome:
+        return _run_one(
             path, out_dir, spec=spec, params=params, model_info=model_info, batch_size=batch,
             blocks_per_task=blocks_per_task, gpu=gpu, keep_tiles=keep_tiles, force=force,
-            task_threads=task_threads,
+            task_threads=task_threads, stopping=stopping,
         )
-        logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
-                    f" — {outcome.error}" if outcome.error else "", outcome.seconds)
-        outcomes.append(outcome)
+
+    outcomes = []
+    # With more than one in flight, each slide is driven by a client thread of its own; their graphs
+    # share the cluster, so one slide's tiling and client-side tail (merge, exports, database) overlap
+    # another's inference instead of leaving the workers idle.  Outcomes are reported in input order.
+    pool = ThreadPoolExecutor(in_flight, thread_name_prefix="slidejob-slide") if in_flight > 1 else None
+    try:
+        if pool is None:
+            results: Iterator[SlideOutcome] = (one(path) for path in slides)
+        else:
+            futures = [pool.submit(one, path) for path in slides]
+            results = (future.result() for future in futures)
+        for i, outcome in enumerate(results, 1):
+            logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
+                        f" — {outcome.error}" if outcome.error else "", outcome.seconds)
+            outcomes.append(outcome)
+    except BaseException:
+        # Interrupted (Ctrl-C): slides not started are dropped; those in flight record nothing when
+        # their cluster goes away under them (see _run_one), so a rerun redoes them.
+        stopping.set()
+        if pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    if pool:
+        pool.shutdown()
     export.write_report(out_dir)
     return BatchResult(out_dir=out_dir, outcomes=outcomes)
 
@@ -779,6 +818,7 @@ def _run_one(
     keep_tiles: bool,
     force: bool,
     task_threads: int = 1,
+    stopping: threading.Event | None = None,
 ) -> SlideOutcome:
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -875,10 +915,11 @@ def _run_one(
                 tr.grid, spec=spec, tiles_path=tiles, mask_path=mask_tmp, prob_path=prob_tmp,
                 halo_px=params.halo_px, threshold=params.threshold, block_chunks=block_chunks,
                 forward_chunks=params.forward_chunks, batch_size=batch_size, blocks_per_task=blocks_per_task,
-                gpu=gpu, clip_to_tissue=params.clip_to_tissue, min_area_px=min_area_px,
-                pyramid_levels=task_levels,
+                clip_to_tissue=params.clip_to_tissue, min_area_px=min_area_px, pyramid_levels=task_levels,
             )
-            results: list[infer.BlockResult] = list(dask.compute(*tasks))
+            results: list[infer.BlockResult] = list(
+                dask.compute(*tasks, resources=GPU_RESOURCES) if gpu else dask.compute(*tasks)
+            )
             n_written = sum(r.chunks_written for r in results)
             timings["infer"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -929,6 +970,12 @@ def _run_one(
         manifest["status"] = "ok"
     except Exception as exc:  # one bad slide never stops the batch
         from slidejob.errors import SlidejobError
+
+        if stopping is not None and stopping.is_set():
+            # The batch was interrupted and its cluster closed under this slide: not the slide's
+            # failure, so no manifest or database row says it failed (its unfinished stores are
+            # removed as on any error; a rerun redoes the slide).
+            raise
 
         # Our own errors are about the input and say all there is; anything else gets its traceback.
         logger.error("%s: failed: %s", path, _one_line(exc), exc_info=not isinstance(exc, SlidejobError))

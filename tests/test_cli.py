@@ -156,3 +156,38 @@ def test_run_on_an_existing_cluster_by_address_and_by_scheduler_file(tiny_model:
         assert bad.returncode == 5, bad.stderr[-2000:]
         assert bad.stderr.startswith("slidejob: error: ") and bad.stderr.count("\n") == 1 and where in bad.stderr
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_run_interrupted_with_slides_in_flight_records_no_failure(tiny_model: Path, tmp_path: Path) -> None:
+    # Ctrl-C while two slides are in flight: the command stops promptly, no slide is recorded as
+    # failed because its cluster went away, nothing unfinished looks done, and a rerun completes.
+    import signal
+    import time
+
+    slides = [str(write_slide(tmp_path / f"s{i}.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)],
+                              cancer_boxes=[(300, 300, 900, 900)], compression="zlib").path) for i in range(4)]
+    out = tmp_path / "out"
+    args = ["run", *slides, "--out", str(out), "--weights", str(tiny_model), "--cluster-workers", "1",
+            "--cluster-threads", "1", "--slides-in-flight", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "slidejob", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/.mask.ome.zarr.tmp-*/0/c/*/*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("slidejob run did not stop within 90 s of SIGINT")
+    assert proc.returncode != 0
+    manifests = [json.loads(m.read_text()) for m in out.glob("*/manifest.json")]
+    assert len(manifests) < 4, "the run finished before the interrupt; nothing was tested"
+    assert all(m["status"] == "ok" for m in manifests), [m["error"] for m in manifests]
+    for slide_dir in out.iterdir():
+        if slide_dir.is_dir() and not (slide_dir / "manifest.json").exists():
+            assert not (slide_dir / "mask.ome.zarr").exists()  # nothing unfinished under a final name
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "4 of 4 slide(s) done" in rerun.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from slidejob import chunkstore, export, infer, maskstore, stats
+from slidejob import chunkstore, export, infer, maskstore, stats, summarydb
 from slidejob.model import load_model
 from slidejob.pipeline import run_batch, slide_id_for
 from slidejob.synthetic import write_slide
@@ -250,6 +251,74 @@ def test_local_cluster_model_once_per_worker_and_gpu_path(tiny_model: Path, tmp_
     assert outcome.status == "ok", outcome.error
     np.testing.assert_array_equal(_mask(outcome), reference)
     assert sorted(loads.values()) == [1, 1], loads  # each process loaded the model once, for 16 tasks
+
+
+@pytest.mark.slow
+def test_gpu_tasks_go_to_gpu_workers_only(tiny_model: Path, tmp_path: Path) -> None:
+    """A cluster with one worker declaring a GPU and one without: only the GPU worker infers."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    slide = write_slide(tmp_path / "s.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)],
+                        cancer_boxes=[(300, 300, 1500, 900)], compression="zlib")
+    workers = {"gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+               "cpu": {"cls": Nanny, "options": {"nthreads": 1}}}
+    with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}, workers=workers) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(2)
+        outcome = run_batch([slide.path], tmp_path / "out", weights=tiny_model, block_chunks=1).outcomes[0]
+        loads = client.run(infer.load_count)
+        resources = {a: w["resources"] for a, w in client.scheduler_info()["workers"].items()}
+    gpu_address = next(a for a, r in resources.items() if r)
+    assert outcome.status == "ok", outcome.error
+    assert outcome.manifest["outputs"]["inferred_chunks"] == 16
+    assert loads[gpu_address] == 1 and sum(loads.values()) == 1, (loads, resources)
+
+
+@pytest.mark.slow
+def test_slides_in_flight_overlap_and_give_what_one_by_one_gives(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client, LocalCluster
+
+    from slidejob import pipeline
+
+    slides = [
+        write_slide(tmp_path / f"s{i}.tif", 1024, 1536, tissue_boxes=[(0, 0, 1024, 1536)],
+                    cancer_boxes=[(100 + 150 * i, 200, 600, 700 + 200 * i)], compression="zlib").path
+        for i in range(3)
+    ]
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff at all")
+    inputs = [slides[0], bad, slides[1], slides[2]]
+    one_by_one = run_batch(inputs, tmp_path / "seq", weights=tiny_model).outcomes
+    spans: list[tuple[float, float]] = []
+    real_run_one = pipeline._run_one
+
+    def timed_run_one(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return real_run_one(*args, **kwargs)
+        finally:
+            spans.append((t0, time.perf_counter()))
+
+    monkeypatch.setattr(pipeline, "_run_one", timed_run_one)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster):
+        result = run_batch(inputs, tmp_path / "par", weights=tiny_model, slides_in_flight=2)
+    # Outcomes come back in input order, the bad slide failed alone, and every mask is the same.
+    assert [o.source for o in result.outcomes] == [o.source for o in one_by_one] == [str(p) for p in inputs]
+    assert [o.status for o in result.outcomes] == ["ok", "failed", "ok", "ok"]
+    for par, seq in zip(result.outcomes, one_by_one):
+        assert par.slide_id == seq.slide_id
+        if par.status == "ok":
+            np.testing.assert_array_equal(_mask(par), _mask(seq))
+            assert par.manifest["statistics"] == seq.manifest["statistics"]
+    # Two slides were in flight at once (never more).
+    events = sorted([(t0, 1) for t0, _ in spans] + [(t1, -1) for _, t1 in spans])
+    depth = max(itertools.accumulate(step for _, step in events))
+    assert depth == 2, spans
+    rows = summarydb.query(summarydb.db_path_for(tmp_path / "par"), "SELECT status FROM slides").rows
+    assert sorted(r[0] for r in rows) == ["failed", "ok", "ok", "ok"]
 
 
 @pytest.mark.slow
