@@ -21,7 +21,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,8 +57,60 @@ def image_codecs() -> list[Any]:
     return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle)]
 
 
-def tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+#: This host's name as it goes into temporary names (no path separators).
+_HOST = socket.gethostname().replace(os.sep, "_") or "localhost"
+#: ``.<final name>.tmp-<host>-<pid>-<8 hex>`` (being built) or ``.<final name>.old-<host>-<pid>-<8 hex>``
+#: (replaced, being removed): see :func:`tmp_name` and :func:`remove_stale_temporaries`.
+_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def tmp_name(final: Path, kind: str = "tmp") -> Path:
+    """A hidden name beside ``final`` to build it under (``kind`` "tmp") or move it aside to ("old").
+
+    It names this host and process, so that a later run can tell what a killed
+    run left behind (:func:`remove_stale_temporaries`) from what a live one is
+    still writing.
+    """
+    return final.with_name(f".{final.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path, final_name: str | None = None) -> list[Path]:
+    """Remove the temporaries in ``directory`` (those of ``final_name`` only, if given) whose process is gone.
+
+    A run killed mid-write (``kill -9``, a node lost) leaves its half-built
+    outputs under hidden temporary names; nothing mistakes them for results,
+    but they hold disk.  Only those made on this host by a process that no
+    longer exists are removed: another host's, or a live process's, may still
+    be in use.  Returns what was removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if not m or m["host"] != _HOST or (final_name is not None and m["final"] != final_name):
+            continue
+        if _process_alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        logger.info("removed %s, left by a run that is gone", entry)
+        removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -71,6 +125,7 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise OutputExists(f"{final}: already exists; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final.parent, final.name)
     tmp = tmp_name(final)
     tmp.mkdir()
     try:
@@ -80,7 +135,7 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        old = tmp_name(final, "old")
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:

@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ import zarr
 from PIL import Image
 from scipy import ndimage
 
-from slidejob import __version__
+from slidejob import __version__, chunkstore
 from slidejob.outline import geojson_geometry, labeled_polygons
 from slidejob.render import save_png
 from slidejob.stats import CONNECTIVITY_8, Lesion, SlideStats, mask_mpp_um, statistics_graph
@@ -72,7 +71,7 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
     """Write text (UTF-8) or bytes under a temporary name, then rename into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = chunkstore.tmp_name(path)
     tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     tmp.replace(path)
 

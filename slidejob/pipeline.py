@@ -603,7 +603,7 @@ def _versions() -> dict[str, str]:
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     import json
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = chunkstore.tmp_name(path)
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
@@ -854,6 +854,9 @@ def _run_one(
         return SlideOutcome(str(path), slide_id, "skipped", None, slide_dir, time.perf_counter() - t0, previous)
     try:
         slide_dir.mkdir(parents=True, exist_ok=True)
+        # What a killed run of this slide left under temporary names (a probability store
+        # this run will not write included).
+        chunkstore.remove_stale_temporaries(slide_dir)
         tr = detect_slide_tissue(
             path, mpp_um=params.mpp_um_override, min_tissue_fraction=params.min_tissue_fraction,
             all_tissue=params.all_tissue,

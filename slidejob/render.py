@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw
 
+from slidejob import chunkstore
 from slidejob.chunkstore import CHUNK_PX
 
 
@@ -52,6 +53,6 @@ def save_png(img: Image.Image, path: Path) -> None:
     """Write a PNG atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = chunkstore.tmp_name(path)
     img.save(tmp, format="PNG")
     tmp.replace(path)

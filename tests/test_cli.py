@@ -191,3 +191,5 @@ def test_run_interrupted_with_slides_in_flight_records_no_failure(tiny_model: Pa
     rerun = run_cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "4 of 4 slide(s) done" in rerun.stdout
+    # What the interrupted process left under temporary names is gone (it is dead; the rerun is not).
+    assert not [p.name for p in out.glob("*/.*") if ".tmp-" in p.name or ".old-" in p.name]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +188,34 @@ def test_chunk_writer_read_box_equals_zarr(tmp_path: Path, codec: str) -> None:
         y0, x0 = int(rng.integers(0, 1300)), int(rng.integers(0, 1100))
         box = (slice(y0, y0 + int(rng.integers(1, 900))), slice(x0, x0 + int(rng.integers(1, 900))), slice(None))
         np.testing.assert_array_equal(io.read_box(box), image[box])
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(gone.stdout)  # exited: its pid names no process (barring reuse within the test)
+    host = chunkstore._HOST
+    made = {
+        "dead_dir": tmp_path / f".mask.ome.zarr.tmp-{host}-{dead_pid}-0123abcd",
+        "dead_old": tmp_path / f".mask.ome.zarr.old-{host}-{dead_pid}-89abcdef",
+        "dead_file": tmp_path / f".manifest.json.tmp-{host}-{dead_pid}-00ff00ff",
+        "alive": chunkstore.tmp_name(tmp_path / "mask.ome.zarr"),  # this process: still writing
+        "other_host": tmp_path / f".mask.ome.zarr.tmp-{host}x-{dead_pid}-0123abcd",  # cannot tell: kept
+        "not_ours": tmp_path / ".mask.ome.zarr.tmp-whatever",
+        "result": tmp_path / "mask.ome.zarr",
+    }
+    for name, path in made.items():
+        if name == "dead_file":
+            path.write_text("{}")
+        else:
+            (path / "0").mkdir(parents=True)
+    assert chunkstore.remove_stale_temporaries(tmp_path, "manifest.json") == [made["dead_file"]]
+    removed = set(chunkstore.remove_stale_temporaries(tmp_path))
+    assert removed == {made["dead_dir"], made["dead_old"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        made[k].name for k in ("alive", "other_host", "not_ours", "result"))
+    # atomic_directory clears its own final name's leftovers before building.
+    leftover = tmp_path / f".tiles.zarr.tmp-{host}-{dead_pid}-0123abcd"
+    leftover.mkdir()
+    with chunkstore.atomic_directory(tmp_path / "tiles.zarr") as tmp:
+        assert not leftover.exists() and tmp.name.startswith(f".tiles.zarr.tmp-{host}-{os.getpid()}-")
