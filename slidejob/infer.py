@@ -162,8 +162,9 @@ def infer_blocks(
     Each block's pixels are read once (its rectangles' bounding box plus the
     halo); every forward covers at most ``forward_chunks``² chunks of a
     rectangle plus the halo, cut from that read.  On CPUs one chunk per forward
-    is fastest (a 624² input stays in cache, a 2160² one runs at ~40 % of the
-    per-pixel speed); GPUs take whole rectangles in batches.
+    is fastest (larger inputs run slower per pixel as their activations fall
+    out of cache, more than their smaller halo share saves); GPUs take whole
+    rectangles in batches.
 
     With ``clip_to_tissue``, cancer calls on bare glass (:func:`slidejob.tissue.glass_mask`
     of the pixels themselves) are set to 0; probabilities are written as the model gave them.
