@@ -86,7 +86,11 @@ def pen_mask(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     Hematoxylin is blue-purple (hue ~250-290°), eosin pink (~300-360°); marker
     pens are green (90-170°) or a saturated pure blue (200-240°).
     """
-    hue, sat, val = hsv(rgb)
+    hue, sat, _ = hsv(rgb)
+    return _pen(hue, sat)
+
+
+def _pen(hue: npt.NDArray[np.float32], sat: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
     green = (hue >= 70) & (hue <= 190) & (sat > 0.15)
     blue = (hue > 190) & (hue <= 240) & (sat > 0.5)
     return green | blue
@@ -110,15 +114,15 @@ def detect_tissue(rgb: npt.NDArray[np.uint8], params: TissueParams | None = None
     p = params or TissueParams()
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    _, sat, val = hsv(rgb)
+    hue, raw_sat, val = hsv(rgb)
     # A 3x3 median removes per-pixel noise on glass without growing straight
     # tissue edges (a mean would push them out by a pixel, 32 px at level 0).
-    sat = ndimage.median_filter(sat, size=3, mode="nearest")
+    sat = ndimage.median_filter(raw_sat, size=3, mode="nearest")
     bright = val > p.min_value
     threshold = otsu_threshold(sat[bright]) if bright.any() else 1.0
     threshold = float(np.clip(threshold, p.min_saturation_threshold, p.max_saturation_threshold))
     # Grow pen and darkness by the filter's reach, or their rims can pass as tissue.
-    pen = ndimage.binary_dilation(pen_mask(rgb) | ~bright, iterations=1)
+    pen = ndimage.binary_dilation(_pen(hue, raw_sat) | ~bright, iterations=1)
     mask = (sat > threshold) & ~pen
     n = mask.size
     # Fill small holes (lumen, fat cells read as glass) but not large ones.
