@@ -323,7 +323,10 @@ def load_model(
     card_path, weights_path = resolve_model_paths(card_path, weights_path)
     card = ModelCard.load(card_path)
     state_dict, sha256 = read_weights(weights_path, expected_sha256=card.weights_sha256)
-    module = fold_batch_norm(build_module(card, state_dict, source=weights_path)).to(device)
+    module = fold_batch_norm(build_module(card, state_dict, source=weights_path))
+    for decoder in module.decoders:
+        decoder.split_first_conv()  # after the fold: the split takes the folded weights
+    module = module.to(device)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     logger.debug("loaded %s (%s) on %s, %s, channels_last=%s", weights_path, card.name, device, precision,

@@ -79,3 +79,36 @@ def test_best_precision_on_cuda_runs() -> None:
     cpu = load_model()
     tiles = _tiles(2, 64)
     np.testing.assert_allclose(loaded.predict_proba(tiles), cpu.predict_proba(tiles), atol=0.03)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_decoder_convolutions_equal_the_concatenation(norm: str, channels_last: bool) -> None:
+    from slidejob.model.runtime import fold_batch_norm
+    from slidejob.model.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(base_channels=4, norm=norm)
+    for module in net.modules():  # non-trivial BatchNorm statistics, so the fold does something
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    net = fold_batch_norm(net.eval())
+    keys = set(net.state_dict())
+    x = torch.randn(2, 3, 40, 56)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.inference_mode():
+        concatenated = net.to(memory_format=layout)(x.to(memory_format=layout))
+        for decoder in net.decoders:
+            decoder.split_first_conv()
+        net = net.to(memory_format=layout)
+        split = net(x.to(memory_format=layout))
+    torch.testing.assert_close(split, concatenated, rtol=1e-5, atol=1e-5)
+    assert set(net.state_dict()) == keys  # the split weights are not saved with the model
+
+
+def test_loaded_models_run_split_decoders(saved_model) -> None:
+    model = load_model(saved_model[0], saved_model[1], channels_last=True)
+    assert all(decoder.split for decoder in model.module.decoders)
+    assert all(decoder.weight_skip.is_contiguous(memory_format=torch.channels_last)
+               for decoder in model.module.decoders)
