@@ -14,7 +14,8 @@ the all-tissue run twice (the faster one), the half-glass pair three times (half
 skipping), reporting the ratio of the fastest of each and the median of the three pairwise ratios.
   * a batch of eight 2048² slides (all-tissue and half-glass), one slide at a time against two in
     flight (``--slides-in-flight``), interleaved twice: the second lets the next slide's tiling and
-    the last one's merge and exports fill the workers' idle time;
+    the last one's merge and exports fill the workers' idle time; the workers' RSS after each of
+    those four batches (32 slides) shows whether a long batch grows them;
   * peak memory, client plus all workers (RSS sampled every 50 ms), for an 8192² slide and a
     32768² slide holding the same 8192² of tissue (target ≤ 1.5 GB, ratio ≤ 1.2).
 When the embedded cluster has GPU workers, "gpu" adds the GPU's own limit (512² batches in the precision
@@ -208,6 +209,10 @@ def timed_run(slide: Path, out: Path, card: Path | None, **kwargs) -> tuple[floa
     return seconds, o.manifest
 
 
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def timed_batch(slides: list[Path], out: Path, card: Path | None, in_flight: int) -> float:
     t0 = time.perf_counter()
     result = run_batch(slides, out, weights=card, force=True, slides_in_flight=in_flight)
@@ -262,10 +267,14 @@ def main() -> None:
             if not copy.exists():
                 shutil.copyfile(source, copy)
             batch_slides.append(copy)
-        batch_pairs = [
-            (timed_batch(batch_slides, out, args.weights, 1), timed_batch(batch_slides, out, args.weights, 2))
-            for _ in range(2)
-        ]
+        batch_pairs = []
+        worker_rss_mb = []  # after each batch: does a long night's batch grow the workers?
+        for _ in range(2):
+            pair = []
+            for in_flight in (1, 2):
+                pair.append(timed_batch(batch_slides, out, args.weights, in_flight))
+                worker_rss_mb.append(round(sum(client.run(_rss_mb).values()), 1))
+            batch_pairs.append(tuple(pair))
     limits.append(model_limit_mp_s(args.weights, threads))
     halo_bounds.append(model_limit_mp_s(args.weights, threads, side_px=624))
     limit = max(limits, key=lambda x: x["mp_s"])
@@ -306,6 +315,7 @@ def main() -> None:
         "seconds_two_in_flight": round(min(b for _, b in batch_pairs), 1),
         "pairs_s": [[round(a, 1), round(b, 1)] for a, b in batch_pairs],
         "ratio": round(min(b for _, b in batch_pairs) / min(a for a, _ in batch_pairs), 3),
+        "worker_rss_mb_after_each_batch": worker_rss_mb,
     }
     if not args.skip_memory:
         big = make_slide(args.workdir, 4 * 8192, "8k") if side == 8192 else None

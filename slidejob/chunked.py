@@ -27,7 +27,7 @@ def read_chunked(
 ) -> npt.NDArray[Any]:
     """``array[box]`` of a chunked array, from ``read_chunk(chunk index)`` of each chunk the box overlaps.
 
-    ``box`` holds an int or a step-1 slice per axis (ints drop their axis).
+    ``box`` holds an int (0 <= i < size) or a step-1 slice per axis (ints drop their axis).
     ``read_chunk`` returns the chunk (whole, or cut at the array's edge) or
     None where it is absent, which reads as ``fill_value``.
 
@@ -36,6 +36,8 @@ def read_chunked(
     >>> read_chunked((slice(1, 4), 3), a.shape, (2, 4), chunk, dtype=a.dtype, fill_value=-1).tolist()
     [-1, 15, 21]
     """
+    if len(box) != len(shape):
+        raise ValueError(f"box {box} does not have one entry per axis of shape {shape}")
     starts, stops, keep = [], [], []
     for sel, n in zip(box, shape):
         if isinstance(sel, slice):
@@ -46,6 +48,8 @@ def read_chunked(
             stops.append(max(start, stop))
             keep.append(True)
         else:
+            if not 0 <= int(sel) < n:
+                raise IndexError(f"index {sel} is outside an axis of size {n}")
             starts.append(int(sel))
             stops.append(int(sel) + 1)
             keep.append(False)

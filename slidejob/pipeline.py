@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,9 +451,8 @@ def inference_tasks(
     A task covers ``blocks_per_task`` blocks of ``block_chunks``² chunks and
     infers only their tissue rectangles, in forwards of at most ``forward_chunks``².
     On a cluster with GPU workers, compute them with :data:`GPU_RESOURCES`
-    (``dask.compute(*tasks, resources=GPU_RESOURCES)``), not under ``dask.annotate``:
-    annotations live in Dask's global config, which the batch's other slides,
-    built in other threads at the same time, would pick up.
+    (``dask.compute(*tasks, resources=GPU_RESOURCES)``): the restriction then goes
+    with this one compute call and no other graph can pick it up.
     """
     blocks = [
         [(by + r0, bx + c0, by + r1, bx + c1) for r0, c0, r1, c1 in geometry.tissue_rectangles(sub)]
@@ -559,6 +558,15 @@ class BatchResult:
     @property
     def failed(self) -> list[SlideOutcome]:
         return [o for o in self.outcomes if o.status == "failed"]
+
+
+def _fingerprint_and_id(path: Path) -> tuple[str | None, str]:
+    """The slide file's content fingerprint (None when unreadable) and its :func:`slide_id_for`."""
+    try:
+        fingerprint = wsi.fingerprint_file(path) if path.is_file() else None
+    except OSError:
+        fingerprint = None
+    return fingerprint, slide_id_for(path, fingerprint)
 
 
 def slide_id_for(path: Path, fingerprint: str | None) -> str:
@@ -770,7 +778,9 @@ def run_batch(
     logger.info("%d slide(s) to process into %s (%d in flight)", len(slides), out_dir, in_flight)
     stopping = threading.Event()
 
-    def one(path: Path) -> SlideOutcome:
+    def one(path: Path, after: Future[SlideOutcome] | None = None) -> SlideOutcome:
+        if after is not None:
+            after.exception()  # wait; the earlier copy's outcome is reported on its own
         return _run_one(
             path, out_dir, spec=spec, params=params, model_info=model_info, batch_size=batch,
             blocks_per_task=blocks_per_task, gpu=gpu, keep_tiles=keep_tiles, force=force,
@@ -786,7 +796,14 @@ def run_batch(
         if pool is None:
             results: Iterator[SlideOutcome] = (one(path) for path in slides)
         else:
-            futures = [pool.submit(one, path) for path in slides]
+            # Copies of one slide in different folders share an id, hence an output folder: a copy
+            # waits for the one before it (and is then skipped as done), as one after another would.
+            futures: list[Future[SlideOutcome]] = []
+            latest: dict[str, Future[SlideOutcome]] = {}
+            for path in slides:
+                slide_id = _fingerprint_and_id(path)[1]
+                futures.append(pool.submit(one, path, latest.get(slide_id)))
+                latest[slide_id] = futures[-1]
             results = (future.result() for future in futures)
         for i, outcome in enumerate(results, 1):
             logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
@@ -825,11 +842,7 @@ def _run_one(
     timings: dict[str, float] = {}
     info: SlideInfo | None = None
     slide_stats: stats.SlideStats | None = None
-    try:
-        fingerprint = wsi.fingerprint_file(path) if path.is_file() else None
-    except OSError:
-        fingerprint = None
-    slide_id = slide_id_for(path, fingerprint)
+    fingerprint, slide_id = _fingerprint_and_id(path)
     slide_dir = out_dir / slide_id
     manifest: dict[str, Any] = {
         "schema": MANIFEST_SCHEMA,

@@ -289,7 +289,10 @@ def test_slides_in_flight_overlap_and_give_what_one_by_one_gives(
     ]
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"not a tiff at all")
-    inputs = [slides[0], bad, slides[1], slides[2]]
+    copy = tmp_path / "elsewhere" / slides[0].name  # the same slide in another folder: the same id
+    copy.parent.mkdir()
+    copy.write_bytes(slides[0].read_bytes())
+    inputs = [slides[0], bad, copy, slides[1], slides[2]]
     one_by_one = run_batch(inputs, tmp_path / "seq", weights=tiny_model).outcomes
     spans: list[tuple[float, float]] = []
     real_run_one = pipeline._run_one
@@ -307,7 +310,9 @@ def test_slides_in_flight_overlap_and_give_what_one_by_one_gives(
         result = run_batch(inputs, tmp_path / "par", weights=tiny_model, slides_in_flight=2)
     # Outcomes come back in input order, the bad slide failed alone, and every mask is the same.
     assert [o.source for o in result.outcomes] == [o.source for o in one_by_one] == [str(p) for p in inputs]
-    assert [o.status for o in result.outcomes] == ["ok", "failed", "ok", "ok"]
+    # The copy waits for the first and is skipped as done, as one after another it is.
+    assert [o.status for o in result.outcomes] == [o.status for o in one_by_one] == [
+        "ok", "failed", "skipped", "ok", "ok"]
     for par, seq in zip(result.outcomes, one_by_one):
         assert par.slide_id == seq.slide_id
         if par.status == "ok":

@@ -219,3 +219,19 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None
     leftover.mkdir()
     with chunkstore.atomic_directory(tmp_path / "tiles.zarr") as tmp:
         assert not leftover.exists() and tmp.name.startswith(f".tiles.zarr.tmp-{host}-{os.getpid()}-")
+
+
+def test_read_chunked_refuses_what_it_would_get_wrong() -> None:
+    from slidejob.chunked import read_chunked
+
+    a = np.arange(30).reshape(5, 6)
+
+    def chunk(i: tuple[int, ...]) -> np.ndarray:
+        return a[i[0] * 2 : i[0] * 2 + 2, i[1] * 4 : i[1] * 4 + 4]
+
+    np.testing.assert_array_equal(read_chunked((slice(None), slice(-3, None)), a.shape, (2, 4), chunk,
+                                               dtype=a.dtype, fill_value=0), a[:, -3:])
+    with pytest.raises(ValueError, match="one entry per axis"):
+        read_chunked((slice(0, 2),), a.shape, (2, 4), chunk, dtype=a.dtype, fill_value=0)
+    with pytest.raises(IndexError, match="outside"):
+        read_chunked((-1, slice(None)), a.shape, (2, 4), chunk, dtype=a.dtype, fill_value=0)
