@@ -29,8 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import tifffile
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync as zarr_sync
+from zarr.buffer import default_buffer_prototype
 
 from slidejob.chunked import read_chunked
 from slidejob.errors import CorruptSlide, SlideNotFound, UnsupportedSlide
@@ -246,7 +245,9 @@ class TiffChunkReader:
         try:
             buffer = _completed(self._store.get(key, self._prototype))
         except _Suspended:
-            buffer = zarr_sync(self._store.get(key, self._prototype))
+            from zarr.core.sync import sync  # zarr's own blocking bridge to its event loop
+
+            buffer = sync(self._store.get(key, self._prototype))
         if buffer is None:
             return None
         return buffer.as_numpy_array().view(self.dtype).reshape(self.chunks)

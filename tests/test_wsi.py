@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
 
 from slidejob.errors import CorruptSlide, SlideNotFound, UnsupportedSlide
 from slidejob.synthetic import write_slide
