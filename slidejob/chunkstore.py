@@ -74,6 +74,20 @@ def tmp_name(final: Path, kind: str = "tmp") -> Path:
     return final.with_name(f".{final.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def write_file_atomic(path: Path, data: str | bytes) -> None:
+    """Write text (UTF-8) or bytes to ``path`` under :func:`tmp_name`, then rename into place.
+
+    Every output file goes through here (manifest, exports, PNGs), so that a
+    reader sees the old file or the new one, never half of one, and a killed
+    run's leftovers carry the names :func:`remove_stale_temporaries` knows.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -227,24 +241,17 @@ class ChunkWriter:
         The read-side twin of :meth:`write`, for code that rewrites a few chunks
         (zarr's per-read bookkeeping is ~1.5 ms a chunk, the decode a fraction of that).
         """
-        shape = tuple(min(c, n - i * c) for i, c, n in zip(index, self.chunks, self.shape))
-        if self._blosc is None:
-            sel = tuple(slice(i * c, i * c + n) for i, c, n in zip(index, self.chunks, shape))
-            return np.array(self._zarr_array()[sel])
-        chunk = self._stored(index)
-        if chunk is None:
-            return np.full(shape, self.fill_value, dtype=self.dtype)
-        return chunk[tuple(slice(0, n) for n in shape)].copy()
+        return self.read_box(tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks)))
 
     def read_box(self, box: tuple[slice, ...]) -> npt.NDArray[Any]:
-        """``array[box]`` (step-1 slices), read chunk by chunk past zarr like :meth:`read`.
+        """``array[box]`` (step-1 slices) as a new, writable array, read chunk by chunk past zarr.
 
         Inference tasks read their block plus its halo this way: through
         ``zarr.Array`` every chunk of every task also queues for zarr's one
         event-loop thread.
         """
         if self._blosc is None:
-            return np.asarray(self._zarr_array()[box])
+            return np.array(self._zarr_array()[box])
         return read_chunked(box, self.shape, self.chunks, self._stored, dtype=self.dtype, fill_value=self.fill_value)
 
     def _stored(self, index: tuple[int, ...]) -> npt.NDArray[Any] | None:

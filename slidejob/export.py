@@ -67,15 +67,6 @@ TISSUE_OUTLINE_RGB = (0, 150, 0)
 CANCER_ALPHA = 0.45
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    """Write text (UTF-8) or bytes under a temporary name, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = chunkstore.tmp_name(path)
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------------------------------------
 # GeoJSON
 # --------------------------------------------------------------------------------------------------------
@@ -274,7 +265,7 @@ def write_geojson(
         },
     }
     head = json.dumps(collection, separators=(",", ":"), ensure_ascii=False)[:-1]
-    _write_atomic(Path(out_path), head + ',"features":[' + ",".join(features) + "]}")
+    chunkstore.write_file_atomic(Path(out_path), head + ',"features":[' + ",".join(features) + "]}")
     return len(features)
 
 
@@ -377,7 +368,7 @@ def write_overlay_png(
     out_png = Path(out_png)
     image = Image.fromarray(img.clip(0, 255).astype(np.uint8))
     save_png(image, out_png)
-    _write_atomic(out_png.with_name(OVERLAY_THUMB_NAME), _report_thumbnail(image))
+    chunkstore.write_file_atomic(out_png.with_name(OVERLAY_THUMB_NAME), _report_thumbnail(image))
     return out_png
 
 
@@ -401,7 +392,7 @@ def write_stats_json(
     if isinstance(doc["slide"].get("parameters"), str):
         doc["slide"]["parameters"] = json.loads(doc["slide"]["parameters"])
     out_path = Path(out_path)
-    _write_atomic(out_path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    chunkstore.write_file_atomic(out_path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return out_path
 
 
@@ -578,5 +569,5 @@ Generated {esc(generated)} by slidejob {esc(__version__)} from {esc(str(db.name)
 </html>
 """
     path = out_dir / REPORT_NAME
-    _write_atomic(path, page)
+    chunkstore.write_file_atomic(path, page)
     return path

@@ -203,4 +203,3 @@ def pad_window(pixels: npt.NDArray[np.uint8], pad: tuple[int, int, int, int]) ->
 def one_pass_window(shape_px: tuple[int, int], halo_px: int) -> Window:
     """The window of a single forward over a whole (small) slide, padded exactly as blocks are."""
     return window_for(0, 0, shape_px[0], shape_px[1], halo_px=halo_px, shape_px=shape_px)
-

@@ -611,9 +611,7 @@ def _versions() -> dict[str, str]:
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     import json
 
-    tmp = chunkstore.tmp_name(path)
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    chunkstore.write_file_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

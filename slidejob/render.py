@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,7 @@ def tissue_overlay(
 
 
 def save_png(img: Image.Image, path: Path) -> None:
-    """Write a PNG atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = chunkstore.tmp_name(path)
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    """Write a PNG atomically (:func:`slidejob.chunkstore.write_file_atomic`)."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    chunkstore.write_file_atomic(path, buffer.getvalue())
