@@ -114,7 +114,8 @@ class _DecoderBlock(_Block):
     ``conv(cat(skip, up)) == conv_skip(skip) + conv_up(up)`` with the weight
     cut along its input channels.  In channels_last the concatenation
     interleaves both inputs pixel by pixel: 14 % of a CPU forward of the
-    shipped model; the split ran ~7 % faster end to end (same masks).
+    shipped model; with the split, 624² forwards ran 1.14× faster (median of
+    six interleaved rounds, same masks).
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
