@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,6 +35,19 @@ logger = logging.getLogger(__name__)
 
 #: Precision names accepted by :func:`load_model`, and the autocast dtype of each.
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: One lock per CUDA device of this process: its forwards take turns (see LoadedModel.predict_proba).
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_DEVICE_LOCKS_LOCK = threading.Lock()
+
+
+def _device_turn(device: torch.device) -> Any:
+    """The lock this process's forwards on ``device`` take turns with (CUDA); none on CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    key = str(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+    with _DEVICE_LOCKS_LOCK:
+        return _DEVICE_LOCKS.setdefault(key, threading.Lock())
 
 
 def normalization_affine(
@@ -192,14 +206,18 @@ class LoadedModel:
             raise ValueError(
                 f"expected uint8 RGB tiles of shape (N, H, W, 3), got dtype {batch.dtype} shape {batch.shape}"
             )
-        with torch.inference_mode():
+        # On a GPU, threads of one process (a worker's task threads) take turns: their kernels would
+        # queue on the device's one default stream anyway, and one batch's activations at a time
+        # bound the GPU memory whatever the number of threads.  Their CPU work (reading, thresholding,
+        # writing) runs outside and overlaps.  CPU forwards run side by side.
+        with _device_turn(self.device), torch.inference_mode():
             x = prepare_batch(
                 batch, self._scale, self._shift, device=self.device, channels_last=self.channels_last
             )
             with self._autocast():
                 logits = self.module(x)
             probabilities = torch.sigmoid(logits.float())[:, 0]
-        return probabilities.cpu().numpy()
+            return probabilities.cpu().numpy()
 
 
 def build_module(card: ModelCard, state_dict: dict[str, torch.Tensor], *, source: Path | None = None) -> UNet:

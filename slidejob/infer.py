@@ -121,7 +121,9 @@ def predict_windows(
     for idx in by_shape.values():
         for s in range(0, len(idx), batch_size):
             part = idx[s : s + batch_size]
-            probs = model.predict_proba(np.stack([inputs[i] for i in part]))
+            # One input (a GPU task's whole block) goes as a view: stacking would copy its ~14 MB.
+            batch = inputs[part[0]][None] if len(part) == 1 else np.stack([inputs[i] for i in part])
+            probs = model.predict_proba(batch)
             for i, p in zip(part, probs):
                 consume(i, p)
 

@@ -274,6 +274,41 @@ def test_gpu_tasks_go_to_gpu_workers_only(tiny_model: Path, tmp_path: Path) -> N
     assert loads[gpu_address] == 1 and sum(loads.values()) == 1, (loads, resources)
 
 
+_BOTH_RUNNING = threading.Barrier(2)
+
+
+def _wait_for_the_other(i: int) -> int:
+    _BOTH_RUNNING.wait(timeout=20)  # raises BrokenBarrierError unless two tasks run at once
+    return i
+
+
+def test_inference_tasks_share_a_gpu_workers_threads() -> None:
+    """GPU_RESOURCES places tasks on GPU workers without making each take the whole worker."""
+    from distributed import Client, LocalCluster
+
+    from slidejob.pipeline import GPU_RESOURCES
+
+    _BOTH_RUNNING.reset()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster, Client(cluster):
+        tasks = [dask.delayed(_wait_for_the_other, pure=False)(i) for i in range(2)]
+        assert dask.compute(*tasks, resources=GPU_RESOURCES) == (0, 1)
+
+
+def test_local_gpu_cluster_gives_each_worker_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker per GPU: worker i sees only the i-th GPU this process may use (a scheduler's allocation)."""
+    from distributed import Client
+
+    from slidejob.pipeline import _gpu_local_cluster
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    with _gpu_local_cluster()(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                              dashboard_address=None) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+    assert sorted(seen.values()) == ["5", "7"]
+
+
 @pytest.mark.slow
 def test_slides_in_flight_overlap_and_give_what_one_by_one_gives(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -437,3 +472,31 @@ def test_small_slides_get_smaller_blocks_on_cpu_and_the_same_mask(tiny_model: Pa
     for lv in ("1", "2"):
         a = zarr.open_group(adapted.out_dir / "mask.ome.zarr", mode="r")[lv][...]
         np.testing.assert_array_equal(a, zarr.open_group(given.out_dir / "mask.ome.zarr", mode="r")[lv][...])
+
+
+@pytest.mark.gpu
+def test_cuda_run_matches_the_cpu_fp32_mask(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
+    """On a CUDA machine: in process and on the embedded cluster's GPU workers, the mask is the CPU's."""
+    import torch
+
+    from slidejob.pipeline import dask_client, local_cluster_shape
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cpu = _mask(run_batch([all_tissue_slide.path], tmp_path / "cpu", weights=tiny_model, device="cpu",
+                          precision="fp32").outcomes[0])
+    assert cpu.any()
+    for precision in ("fp32", "auto"):
+        gpu = run_batch([all_tissue_slide.path], tmp_path / f"cuda-{precision}", weights=tiny_model,
+                        device="cuda", precision=precision).outcomes[0]
+        assert gpu.status == "ok", gpu.error
+        assert _dice(_mask(gpu), cpu) >= 0.99, precision
+    shape = local_cluster_shape()
+    assert shape["gpus"] == torch.cuda.device_count() and shape["resources"] == {"GPU": 1}
+    with dask_client() as client:
+        client.wait_for_workers(shape["n_workers"])
+        outcome = run_batch([all_tissue_slide.path], tmp_path / "cluster", weights=tiny_model).outcomes[0]
+        on_cuda = client.run(lambda: [key[1] for key in infer._MODELS])
+    assert outcome.status == "ok", outcome.error
+    assert _dice(_mask(outcome), cpu) >= 0.99
+    assert all(devices == ["cuda"] for devices in on_cuda.values()), on_cuda
