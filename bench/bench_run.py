@@ -91,7 +91,7 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *, 
 
 
 def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batch: int = 8,
-              seconds: float = 10.0) -> dict:
+              seconds: float = 10.0, cudnn_benchmark: bool = False) -> dict:
     """Forward of in-memory batches of ``side_px``² tiles on the first GPU, in the precision ``auto`` picks there.
 
     ``tiles_s`` counts ``kept_px``² tiles: with ``side_px = 2048 + 2 × halo`` and ``kept_px = 2048`` each
@@ -102,6 +102,9 @@ def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batc
     from slidejob.model import best_precision, load_model
 
     precision, channels_last = best_precision("cuda")
+    # cudnn.benchmark (off in slidejob: tissue rectangles give many input shapes, each would be autotuned)
+    # measured for the record: whether cuDNN's default choice of kernels costs the forward anything.
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     model = load_model(card, None, device="cuda", precision=precision, channels_last=channels_last)
     tiles = np.random.default_rng(0).integers(0, 255, (batch, side_px, side_px, 3), dtype=np.uint8)
     for _ in range(3):
@@ -112,6 +115,7 @@ def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batc
         model.predict_proba(tiles)  # returns numpy: synchronised, host copy included
         n += 1
     elapsed = time.perf_counter() - t0
+    torch.backends.cudnn.benchmark = False
     chunks = batch * (kept_px // 512) ** 2
     return {"precision": precision, "channels_last": channels_last, "input_px": side_px, "batch": batch,
             "tiles_s": n * chunks / elapsed, "mp_s": n * chunks * 512 * 512 / 1e6 / elapsed}
@@ -226,22 +230,53 @@ def warm_up(workdir: Path, card: Path | None) -> None:
     run_batch([slide], workdir / "warm-out", weights=card, force=True)
 
 
+def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[int, int]]) -> list[dict]:
+    """All-tissue runs on GPU workers with other threads per worker and blocks per task, a fresh cluster each.
+
+    The defaults (``cluster.threads-per-worker`` 4, ``run.blocks-per-task-gpu`` 4) were chosen without a GPU;
+    this measures them against the alternatives on the machine at hand.
+    """
+    import dask.config
+
+    rows = []
+    for threads, blocks in configs:
+        with dask.config.set({"slidejob.cluster.threads-per-worker": threads,
+                              "slidejob.run.blocks-per-task-gpu": blocks}):
+            shape = local_cluster_shape()
+            with dask_client() as client:
+                client.wait_for_workers(shape["n_workers"])
+                warm_up(out.parent, card)
+                with GpuBusy() as busy:
+                    runs = [timed_run(slide, out, card) for _ in range(2)]
+        seconds, manifest = min(runs, key=lambda r: r[0])
+        rows.append({"threads_per_worker": threads, "blocks_per_task": blocks, "runs_s": [round(r[0], 2) for r in runs],
+                     "tiles_s": round(manifest["tissue"]["n_tissue_chunks"] / seconds, 1),
+                     "busy_fraction": busy.fraction, "timings_s": manifest["timings_s"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", type=int, default=8192)
     ap.add_argument("--workdir", type=Path, default=Path(__file__).parent / "out")
     ap.add_argument("--weights", type=Path, default=None, help="model card (default: the shipped model)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--gpu-sweep", default="",
+                    help="with GPUs: also time the all-tissue slide for these THREADSxBLOCKS (threads per worker, "
+                         "blocks per task), e.g. 4x1,8x1,15x4")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     shape = local_cluster_shape()
     threads = shape["n_workers"] * shape["threads_per_worker"]
     figures: dict = {"cluster": {k: shape[k] for k in ("n_workers", "threads_per_worker", "gpus")},
                      "cpu_count": os.cpu_count()}
-    limits = [model_limit_mp_s(args.weights, threads)]
+    # With GPU workers the CPU's forward is no limit of anything: the "gpu" section replaces it.
+    cpu_limits = not shape["gpus"]
+    limits = [model_limit_mp_s(args.weights, threads)] if cpu_limits else []
     # The same forward on one chunk plus the default halo (56 px for the shipped model), counting only
     # the kept 512²: the ceiling of any pipeline that infers chunk by chunk with a halo.
-    halo_bounds = [model_limit_mp_s(args.weights, threads, side_px=624)]
+    halo_bounds = [model_limit_mp_s(args.weights, threads, side_px=624)] if cpu_limits else []
     side = args.side
     all_slide = make_slide(args.workdir, side, "all")
     half_slide = make_slide(args.workdir, side, "half")
@@ -275,33 +310,42 @@ def main() -> None:
                 pair.append(timed_batch(batch_slides, out, args.weights, in_flight))
                 worker_rss_mb.append(round(sum(client.run(_rss_mb).values()), 1))
             batch_pairs.append(tuple(pair))
-    limits.append(model_limit_mp_s(args.weights, threads))
-    halo_bounds.append(model_limit_mp_s(args.weights, threads, side_px=624))
-    limit = max(limits, key=lambda x: x["mp_s"])
-    figures["model_limit"] = {**limit, "mp_s": round(limit["mp_s"], 3),
-                              "measured_mp_s": [round(x["mp_s"], 3) for x in limits]}
-    halo_mp_s = max(x["mp_s"] for x in halo_bounds)
-    figures["halo_bound"] = {"mp_s": round(halo_mp_s, 3), "fraction_of_limit": round(halo_mp_s / limit["mp_s"], 3),
-                             "measured_mp_s": [round(x["mp_s"], 3) for x in halo_bounds]}
     t_all, manifest_all = min(all_runs, key=lambda r: r[0])
     timings_all = manifest_all["timings_s"]
     mp = side * side / 1e6
     figures["all_tissue"] = {"seconds": round(t_all, 1), "runs_s": [round(r[0], 1) for r in all_runs],
-                             "mp_s": round(mp / t_all, 3),
-                             "fraction_of_limit": round(mp / t_all / limit["mp_s"], 3), "timings_s": timings_all}
+                             "mp_s": round(mp / t_all, 3), "timings_s": timings_all}
+    if cpu_limits:
+        limits.append(model_limit_mp_s(args.weights, threads))
+        halo_bounds.append(model_limit_mp_s(args.weights, threads, side_px=624))
+        limit = max(limits, key=lambda x: x["mp_s"])
+        figures["model_limit"] = {**limit, "mp_s": round(limit["mp_s"], 3),
+                                  "measured_mp_s": [round(x["mp_s"], 3) for x in limits]}
+        halo_mp_s = max(x["mp_s"] for x in halo_bounds)
+        figures["halo_bound"] = {"mp_s": round(halo_mp_s, 3),
+                                 "fraction_of_limit": round(halo_mp_s / limit["mp_s"], 3),
+                                 "measured_mp_s": [round(x["mp_s"], 3) for x in halo_bounds]}
+        figures["all_tissue"]["fraction_of_limit"] = round(mp / t_all / limit["mp_s"], 3)
     if shape["gpus"]:
         # GPU workers ran the slide: compare with the GPU's own forward, in its precision, on batches of 512²
         # tiles (the issue's limit) and of whole 4×4 blocks plus the halo (what the GPU workers feed it).
         gpu = gpu_limit(args.weights)
-        gpu_blocks = gpu_limit(args.weights, side_px=2048 + 2 * 56, kept_px=2048, batch=2)
+        gpu_blocks = gpu_limit(args.weights, side_px=2048 + 2 * 56, kept_px=2048, batch=1)
+        gpu_blocks_tuned = gpu_limit(args.weights, side_px=2048 + 2 * 56, kept_px=2048, batch=1,
+                                     cudnn_benchmark=True)
         chunks = (side // 512) ** 2
         figures["gpu"] = {
             "limit": {k: round(v, 3) if isinstance(v, float) else v for k, v in gpu.items()},
             "block_bound_tiles_s": round(gpu_blocks["tiles_s"], 1),
+            "block_bound_tiles_s_cudnn_benchmark": round(gpu_blocks_tuned["tiles_s"], 1),
             "all_tissue_tiles_s": round(chunks / t_all, 1),
             "all_tissue_fraction_of_limit": round(chunks / t_all / gpu["tiles_s"], 3),
             "busy_fraction_during_all_tissue_runs": busy.fraction if busy is not None else None,
         }
+        print(json.dumps(figures, indent=2), flush=True)  # so far: the sweep below may run out of time
+        if args.gpu_sweep:
+            configs = [tuple(int(v) for v in c.split("x")) for c in args.gpu_sweep.split(",")]
+            figures["gpu"]["sweep"] = gpu_sweep(all_slide, out, args.weights, configs)
     t_half = min(h for h, _ in half_pairs)
     t_half_noskip = min(n for _, n in half_pairs)
     figures["half_glass"] = {"seconds": round(t_half, 1), "seconds_without_skipping": round(t_half_noskip, 1),
