@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,24 @@ class BlockResult:
     #: lesions below the minimum area removed inside the blocks (those touching a
     #: block border are left to the merge: see :func:`slidejob.stats.drop_small_lesions`)
     small_removed: int = 0
+    #: how the model ran (:func:`runtime_of`): "auto" is resolved per worker, and the
+    #: manifest records what each resolved to
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+
+def runtime_of(model: Any) -> dict[str, Any]:
+    """Where and how a loaded model runs: device (with the GPU's name or the CPU's vector unit), precision, layout."""
+    import torch
+
+    device = model.device
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    return {"device": str(device), "device_name": name, "precision": model.precision,
+            "channels_last": bool(model.channels_last)}
 
 
 def infer_blocks(
@@ -244,7 +262,7 @@ def infer_blocks(
             _write_block_levels(mask_path, masks[b], bound, shape, pyramid_levels, "max")
             if prob_path is not None and probs8 is not None:
                 _write_block_levels(prob_path, probs8[b], bound, shape, pyramid_levels, "mean")
-    return BlockResult(len(partials), partials, outlines, small_removed)
+    return BlockResult(len(partials), partials, outlines, small_removed, runtime_of(model))
 
 
 def _write_block_levels(

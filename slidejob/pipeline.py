@@ -996,6 +996,9 @@ def _run_one(
             )
             n_written = sum(r.chunks_written for r in results)
             timings["infer"] = time.perf_counter() - t
+            # What "auto" became on the workers that ran this slide (one entry per distinct setup).
+            runtimes = {tuple(sorted(r.runtime.items())) for r in results if r.runtime}
+            manifest["inference"] = {"runtimes": [dict(r) for r in sorted(runtimes)]}
             t = time.perf_counter()
             # The tasks reduced every mask chunk and traced the lesions inside their blocks
             # while the mask was in memory: no second pass over the store.

@@ -141,9 +141,21 @@ def test_lesion_over_four_chunk_corner(tiny_model: Path, all_tissue_slide, tmp_p
 
 
 def test_auto_precision_matches_fp32(tiny_model: Path, all_tissue_slide, tmp_path: Path) -> None:
-    fp32 = _mask(run_batch([all_tissue_slide.path], tmp_path / "a", weights=tiny_model, precision="fp32").outcomes[0])
-    auto = _mask(run_batch([all_tissue_slide.path], tmp_path / "b", weights=tiny_model, precision="auto").outcomes[0])
-    assert _dice(auto, fp32) >= 0.99
+    import torch
+
+    from slidejob.model import best_precision
+
+    fp32_run = run_batch([all_tissue_slide.path], tmp_path / "a", weights=tiny_model, precision="fp32").outcomes[0]
+    auto_run = run_batch([all_tissue_slide.path], tmp_path / "b", weights=tiny_model, precision="auto").outcomes[0]
+    assert _dice(_mask(auto_run), _mask(fp32_run)) >= 0.99
+    # The manifest says what "auto" became where it ran, not just "auto".
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    precision, channels_last = best_precision(device.split(":")[0])
+    [ran] = auto_run.manifest["inference"]["runtimes"]
+    assert (ran["device"], ran["precision"], ran["channels_last"]) == (device, precision, channels_last)
+    assert auto_run.manifest["parameters"]["precision"] == "auto"
+    [ran] = fp32_run.manifest["inference"]["runtimes"]
+    assert ran["precision"] == "fp32" and ran["device_name"]
 
 
 def test_background_chunks_absent_and_zero(tiny_model: Path, tmp_path: Path) -> None:
@@ -500,3 +512,4 @@ def test_cuda_run_matches_the_cpu_fp32_mask(tiny_model: Path, all_tissue_slide, 
     assert outcome.status == "ok", outcome.error
     assert _dice(_mask(outcome), cpu) >= 0.99
     assert all(devices == ["cuda"] for devices in on_cuda.values()), on_cuda
+    assert [r["device"] for r in outcome.manifest["inference"]["runtimes"]] == ["cuda:0"]
