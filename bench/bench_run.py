@@ -104,18 +104,20 @@ def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batc
     precision, channels_last = best_precision("cuda")
     # cudnn.benchmark (off in slidejob: tissue rectangles give many input shapes, each would be autotuned)
     # measured for the record: whether cuDNN's default choice of kernels costs the forward anything.
-    torch.backends.cudnn.benchmark = cudnn_benchmark
     model = load_model(card, None, device="cuda", precision=precision, channels_last=channels_last)
     tiles = np.random.default_rng(0).integers(0, 255, (batch, side_px, side_px, 3), dtype=np.uint8)
-    for _ in range(3):
-        model.predict_proba(tiles)  # warm-up (cuDNN autotuning, allocator)
-    torch.cuda.synchronize()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        model.predict_proba(tiles)  # returns numpy: synchronised, host copy included
-        n += 1
-    elapsed = time.perf_counter() - t0
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        for _ in range(3):
+            model.predict_proba(tiles)  # warm-up (cuDNN autotuning, allocator)
+        torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model.predict_proba(tiles)  # returns numpy: synchronised, host copy included
+            n += 1
+        elapsed = time.perf_counter() - t0
+    finally:
+        torch.backends.cudnn.benchmark = False
     chunks = batch * (kept_px // 512) ** 2
     return {"precision": precision, "channels_last": channels_last, "input_px": side_px, "batch": batch,
             "tiles_s": n * chunks / elapsed, "mp_s": n * chunks * 512 * 512 / 1e6 / elapsed}

@@ -25,6 +25,7 @@ import dask
 import numpy as np
 import numpy.typing as npt
 import zarr
+from dask.system import CPU_COUNT
 
 from slidejob import (
     __version__,
@@ -306,24 +307,25 @@ def tile_slide(
 def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | None = None) -> dict[str, Any]:
     """Worker processes and threads for an embedded LocalCluster on this machine.
 
+    Cores are those this process may use (CPU affinity and cgroup limits, as
+    :data:`dask.system.CPU_COUNT` counts them: a SLURM job's share of a node).
     With CUDA: one worker per GPU (worker ``i`` sees GPU ``i`` only), each
-    declaring a ``GPU`` resource, with a task thread per core it can have
-    (one core left for the client and scheduler): on a GPU machine the
-    reading, thresholding and writing around the forward are the work, and
-    they are CPU work (an H200 with 16 cores: the infer stage of an 8192²
-    slide took 1.0 s with 15 threads against 1.25 s with 4; the forward alone
-    would take 0.13 s).  Without:
-    one worker process per 8 cores (one model in memory each), one task
-    thread per core, each forward on one torch thread — on CPUs, parallel
-    forwards scale better than threads inside one forward.
+    declaring a ``GPU`` resource, with a task thread per core it can have, one
+    core left for the client and scheduler, and no more than the inference
+    tasks one GPU admits (1 / ``GPU_RESOURCES["GPU"]``): around the forward, a
+    task's reading, thresholding and writing are CPU work, and on a GPU they
+    are most of it.  Without: one worker process per 8 cores (one model in
+    memory each), one task thread per core, each forward on one torch thread —
+    on CPUs, parallel forwards scale better than threads inside one forward.
     """
     import torch
 
-    cores = os.cpu_count() or 1
+    cores = CPU_COUNT or 1
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n_gpus:
         n = int(config.get("cluster.n-workers", n_workers) or n_gpus)
-        t = int(config.get("cluster.threads-per-worker", threads_per_worker) or max(4, cores // n - 1))
+        admitted = int(1 / GPU_RESOURCES["GPU"])
+        t = int(config.get("cluster.threads-per-worker", threads_per_worker) or min(admitted, max(4, cores // n - 1)))
         return {"n_workers": n, "threads_per_worker": t, "resources": {"GPU": 1}, "gpus": n_gpus}
     n = int(config.get("cluster.n-workers", n_workers) or max(1, cores // 8))
     t = int(config.get("cluster.threads-per-worker", threads_per_worker) or max(1, cores // n))
@@ -372,9 +374,13 @@ def dask_client(
             client.close()
         return
     shape = local_cluster_shape(n_workers, threads_per_worker)
+    # Worker i of a GPU machine sees GPU i alone.  CUDA stops listing devices at the first id that
+    # does not exist, so ids past torch's count are not handed out.
+    gpu_kwargs = {"gpu_ids": visible_gpu_ids()[: shape["gpus"]]} if shape["gpus"] else {}
     cluster_class = _gpu_local_cluster() if shape["gpus"] else LocalCluster
     with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}):
         cluster = cluster_class(
+            **gpu_kwargs,
             n_workers=shape["n_workers"],
             threads_per_worker=shape["threads_per_worker"],
             processes=True,
@@ -413,29 +419,39 @@ def _gpu_local_cluster() -> type:
     from distributed import LocalCluster
 
     class GpuLocalCluster(LocalCluster):
-        """A LocalCluster whose worker ``i`` sees only GPU ``i`` (``CUDA_VISIBLE_DEVICES``), as dask-cuda does.
+        """A LocalCluster whose workers each see one of ``gpu_ids`` (``CUDA_VISIBLE_DEVICES``), as dask-cuda does.
 
         Without it every worker's "cuda" is the first GPU: the others idle and the first runs them all.
         LocalCluster starts its first workers from one shared spec, so this one starts none and scales
-        up through :meth:`new_worker_spec` (dask-cuda's LocalCUDACluster does the same).
+        up through :meth:`new_worker_spec` (dask-cuda's LocalCUDACluster does the same).  A new worker
+        gets the GPU the fewest current workers hold, so a worker added after scaling down and up
+        again does not double up on one GPU while another idles.
         """
 
-        def __init__(self, n_workers: int, **kwargs: Any) -> None:
+        def __init__(self, n_workers: int, *, gpu_ids: list[str], **kwargs: Any) -> None:
             from distributed.worker_memory import parse_memory_limit
 
+            if not gpu_ids:
+                raise ValueError("a GPU cluster needs at least one GPU id")
+            self.gpu_ids = list(gpu_ids)
             # What LocalCluster gives each of n_workers (it sets nothing when started with none).
             kwargs.setdefault("memory_limit", parse_memory_limit("auto", 1, n_workers, logger=logger))
             super().__init__(n_workers=0, **kwargs)
-            self.scale(n_workers)
-            self.sync(self._correct_state)
+            try:
+                self.scale(n_workers)
+                self.sync(self._correct_state)
+            except BaseException:
+                self.close()  # as SpecCluster does when its own start fails
+                raise
 
         def new_worker_spec(self) -> dict:
-            gpus = visible_gpu_ids()
+            held = [w.get("options", {}).get("env", {}).get("CUDA_VISIBLE_DEVICES") for w in self.worker_spec.values()]
             specs = {}
             for name, spec in super().new_worker_spec().items():
+                gpu = min(self.gpu_ids, key=lambda g: (held.count(g), self.gpu_ids.index(g)))
+                held.append(gpu)
                 options = dict(spec.get("options", {}))
-                env = dict(options.get("env") or {})
-                env["CUDA_VISIBLE_DEVICES"] = gpus[int(name) % len(gpus)]
+                env = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": gpu}
                 specs[name] = {**spec, "options": {**options, "env": env}}
             return specs
 
@@ -465,7 +481,7 @@ def _task_threads_per_host(client: Any) -> int:
     2 workers × 1 thread on 2 cores do not each start 2 torch threads.
     """
     if client is None:
-        return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        return int(dask.config.get("num_workers", None) or CPU_COUNT)
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     per_host: dict[str, int] = {}
     for w in workers.values():
@@ -484,7 +500,7 @@ def _task_threads_per_host(client: Any) -> int:
 #: task thread of such a worker runs one at once, so one task's reading, thresholding and
 #: writing overlap another's forward (the forwards themselves take turns on the device:
 #: :meth:`slidejob.model.LoadedModel.predict_proba`).  A whole GPU per task let a worker run
-#: one task at a time: 60 tiles/s end to end on an H200 whose forward alone runs 1870.
+#: one task at a time: 60 tiles/s end to end on an H200 whose forward of 512² batches runs 1870.
 #: 1/64 is exact in binary, so the scheduler's sums of it never drift.
 GPU_RESOURCES = {"GPU": 1 / 64}
 
@@ -799,7 +815,7 @@ def run_batch(
         device=device,
         precision=precision,
         # Parallel tasks each get one torch thread; one task per machine gets them all.
-        torch_threads=max(1, (os.cpu_count() or 1) // max(1, threads)) if client is not None else 1,
+        torch_threads=max(1, CPU_COUNT // max(1, threads)) if client is not None else 1,
     )
     params = RunParameters(
         threshold=float(card.threshold if threshold is None else threshold),
@@ -828,7 +844,7 @@ def run_batch(
     if block_chunks is not None:
         task_threads = 1
     else:
-        task_threads = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1)
+        task_threads = sum(client.nthreads().values()) if client is not None else CPU_COUNT
     slides = wsi.find_slides(list(inputs))
     # Without a cluster, dask.compute runs on a thread pool of its own per call: slides one by one.
     in_flight = max(1, int(config.get("run.slides-in-flight", slides_in_flight))) if client is not None else 1

@@ -308,17 +308,17 @@ def test_inference_tasks_share_a_gpu_workers_threads() -> None:
 
 
 def test_local_gpu_cluster_gives_each_worker_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One worker per GPU: worker i sees only the i-th GPU this process may use (a scheduler's allocation)."""
+    """One worker per GPU: each worker sees one of the GPUs this process may use (a scheduler's allocation)."""
     from distributed import Client
 
-    from slidejob.pipeline import _gpu_local_cluster
+    from slidejob.pipeline import _gpu_local_cluster, visible_gpu_ids
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
-    with _gpu_local_cluster()(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
-                              dashboard_address=None) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2)
+    with _gpu_local_cluster()(n_workers=3, gpu_ids=visible_gpu_ids(), threads_per_worker=1, processes=True,
+                              resources={"GPU": 1}, dashboard_address=None) as cluster, Client(cluster) as client:
+        client.wait_for_workers(3)
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
-    assert sorted(seen.values()) == ["5", "7"]
+    assert sorted(seen.values()) == ["5", "5", "7"]  # a third worker shares the least-held GPU
 
 
 @pytest.mark.slow
