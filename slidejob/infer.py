@@ -232,7 +232,7 @@ def infer_blocks(
         crop = win.crop()
         kept = p[crop]
         mask = (kept >= threshold).astype(np.uint8)
-        if clip_to_tissue:
+        if clip_to_tissue and mask.any():  # no call, nothing to clip: most windows of a slide
             mask[tissue.glass_mask(x[crop])] = 0
         oy, ox = win.y0 - bounds[b][0] * CHUNK_PX, win.x0 - bounds[b][1] * CHUNK_PX
         kept_rows, kept_cols = slice(oy, oy + mask.shape[0]), slice(ox, ox + mask.shape[1])
@@ -246,7 +246,10 @@ def infer_blocks(
     small_removed = 0
     for b, (rects, bound) in enumerate(zip(blocks, bounds)):
         by, bx = bound[0] * CHUNK_PX, bound[1] * CHUNK_PX
-        small_removed += stats.remove_small_interior(masks[b], min_area_px)
+        # One labelling of the block serves the small-lesion removal and the outlines.
+        labelled = stats.label_components(masks[b])
+        removed = stats.remove_small_interior(masks[b], min_area_px, labelled=labelled)
+        small_removed += int(removed.sum())
         for r0, c0, r1, c1 in rects:
             for r in range(r0, r1):
                 for c in range(c0, c1):
@@ -257,7 +260,8 @@ def infer_blocks(
                     if prob_writer is not None and probs8 is not None:
                         prob_writer.write((r, c), probs8[b][rows, cols])
                     partials.append(stats.partial_from_array(chunk, r * CHUNK_PX, c * CHUNK_PX))
-        outlines.update(outline.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1]))
+        outlines.update(outline.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1],
+                                                  labelled=labelled, removed=removed))
         if pyramid_levels:
             _write_block_levels(mask_path, masks[b], bound, shape, pyramid_levels, "max")
             if prob_path is not None and probs8 is not None:

@@ -251,7 +251,14 @@ def geojson_geometry(polygons: list[tuple[Ring, list[Ring]]], *, origin_xy: tupl
 
 
 def interior_outlines(
-    mask: npt.NDArray[np.uint8], y0: int, x0: int, *, height_px: int, width_px: int
+    mask: npt.NDArray[np.uint8],
+    y0: int,
+    x0: int,
+    *,
+    height_px: int,
+    width_px: int,
+    labelled: tuple[npt.NDArray[np.integer], int] | None = None,
+    removed: npt.NDArray[np.bool_] | None = None,
 ) -> dict[int, str]:
     """GeoJSON geometry text of every lesion of a mask block that touches none of the block's borders.
 
@@ -260,12 +267,21 @@ def interior_outlines(
     :func:`slidejob.infer.infer_blocks`).  Keys are the raster index
     ``row * width_px + col`` of the lesion's first pixel in level-0 px, which
     is also how :func:`write_geojson` finds it (``Lesion.first_pixel_yx``).
+
+    ``labelled`` may give the block's 8-connected labels as they were before
+    the components flagged in ``removed`` were zeroed in ``mask``
+    (:func:`slidejob.stats.remove_small_interior`): a task labels its block once.
     """
-    labels, n = ndimage.label(np.asarray(mask) != 0, structure=CONNECTIVITY_8)
+    if labelled is None:
+        labels, n = ndimage.label(np.asarray(mask) != 0, structure=CONNECTIVITY_8)
+    else:
+        labels, n = labelled
     if n == 0:
         return {}
     keep = ~on_border(labels, n)
     keep[0] = False
+    if removed is not None:
+        keep &= ~removed
     kept = keep[labels]
     if not kept.any():
         return {}

@@ -341,6 +341,8 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
     mask = np.asarray(mask_chunk) != 0
     if mask.ndim != 2 or 0 in mask.shape:
         raise ValueError(f"expected a non-empty 2-D mask chunk, got shape {mask.shape}")
+    if not mask.any():  # the common chunk: no call in it
+        return _empty_partial(y0, x0, mask.shape)
     labels, n = ndimage.label(mask, structure=CONNECTIVITY_8, output=np.int32)
     if n == 0:
         return _empty_partial(y0, x0, mask.shape)
@@ -643,29 +645,47 @@ def min_area_px(min_area_um2: float, mpp_um: float | None) -> int:
     return math.ceil(min_area_um2 / (mpp_um * mpp_um) - 1e-9)
 
 
-def remove_small_interior(mask: npt.NDArray[np.uint8], min_area_px: int) -> int:
+def label_components(mask: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int32], int]:
+    """8-connected components of a mask's non-zero pixels: ``(labels, n)``, labels 1..n, 0 for background."""
+    if not mask.any():  # most blocks of a slide hold no call at all: no labelling pass over them
+        return np.zeros(mask.shape, np.int32), 0
+    labels, n = ndimage.label(mask != 0, structure=CONNECTIVITY_8, output=np.int32)
+    return labels, int(n)
+
+
+def remove_small_interior(
+    mask: npt.NDArray[np.uint8],
+    min_area_px: int,
+    *,
+    labelled: tuple[npt.NDArray[np.integer], int] | None = None,
+) -> npt.NDArray[np.bool_]:
     """Zero, in place, the components of ``mask`` below ``min_area_px`` that touch none of its borders.
 
     Such a component is whole, whatever lies outside ``mask``; one that
     touches a border may be part of a larger lesion and is left for
-    :func:`drop_small_lesions` once the slide's lesions are merged.  Returns
-    how many components were removed.
+    :func:`drop_small_lesions` once the slide's lesions are merged.
+    ``labelled`` is ``mask``'s :func:`label_components`, when the caller has
+    it (an inference task passes the same labels on to the outlines).
+    Returns, for each label 0..n, whether it was removed.
 
     >>> m = np.zeros((6, 6), np.uint8); m[1, 1] = m[0, 4] = 1; m[3:5, 3:5] = 1
-    >>> remove_small_interior(m, 2), int(m.sum())
-    (1, 5)
+    >>> remove_small_interior(m, 2).tolist(), int(m.sum())
+    ([False, False, True, False], 5)
     """
-    if min_area_px <= 1:
-        return 0
-    labels, n = ndimage.label(mask != 0, structure=CONNECTIVITY_8)
-    if n == 0:
-        return 0
-    drop = (np.bincount(labels.ravel(), minlength=n + 1) < min_area_px) & ~on_border(labels, n)
-    drop[0] = False
-    n_drop = int(drop.sum())
-    if n_drop:
-        mask[drop[labels]] = 0
-    return n_drop
+    labels, n = labelled if labelled is not None else label_components(mask)
+    removed = np.zeros(n + 1, bool)
+    if min_area_px <= 1 or n == 0:
+        return removed
+    # Over the called pixels only (a few % of a block): counting and clearing over the whole
+    # label image took ~30 ms of a 2048² block's ~50.
+    called = np.flatnonzero(mask)
+    lab = labels.reshape(-1)[called]
+    removed[:] = np.bincount(lab, minlength=n + 1) < min_area_px
+    removed &= ~on_border(labels, n)
+    removed[0] = False
+    if removed.any():
+        mask[np.unravel_index(called[removed[lab]], mask.shape)] = 0
+    return removed
 
 
 def drop_small_lesions(slide_stats: SlideStats, min_area_px: int) -> tuple[SlideStats, list[Lesion]]:

@@ -31,3 +31,21 @@ def test_interior_outlines_are_the_lesions_touching_no_block_border_traced_in_pl
         expected[int(first)] = json.dumps(geometry, separators=(",", ":"))
     assert len(expected) > 20 and n - len(expected) >= 1
     assert got == expected
+
+
+def test_outlines_from_the_labels_of_the_small_lesion_removal_equal_those_traced_afresh() -> None:
+    """An inference task labels its block once: removal of small lesions, then outlines from the same labels."""
+    from slidejob import stats
+
+    rng = np.random.default_rng(5)
+    block = (ndimage.uniform_filter(rng.random((400, 380)), 5) > 0.55).astype(np.uint8)
+    afresh = block.copy()
+    n_removed = int(stats.remove_small_interior(afresh, 30).sum())
+    expected = outline.interior_outlines(afresh, 512, 0, height_px=4000, width_px=4000)
+
+    labelled = stats.label_components(block)
+    removed = stats.remove_small_interior(block, 30, labelled=labelled)
+    np.testing.assert_array_equal(block, afresh)
+    got = outline.interior_outlines(block, 512, 0, height_px=4000, width_px=4000, labelled=labelled, removed=removed)
+    assert int(removed.sum()) == n_removed > 10 and len(expected) > 10
+    assert got == expected

@@ -280,7 +280,7 @@ def test_small_lesions_removed_by_blocks_then_merge_equal_removing_them_from_the
     h, w = mask.shape
     blocks = mask.copy()
     removed_in_blocks = sum(
-        stats.remove_small_interior(blocks[y : y + block_px, x : x + block_px], min_px)
+        int(stats.remove_small_interior(blocks[y : y + block_px, x : x + block_px], min_px).sum())
         for y in range(0, h, block_px)
         for x in range(0, w, block_px)
     )
