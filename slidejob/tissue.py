@@ -62,6 +62,22 @@ def otsu_threshold(values: npt.NDArray[np.floating], bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def saturation_value(rgb: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Saturation and value (0-1) of an RGB uint8 image, exactly as :func:`hsv` gives them, without the hue.
+
+    Max and min are taken on the uint8 channels (the float conversion keeps their order), then
+    converted as :func:`hsv` converts every channel: a third of the work where no hue is needed.
+
+    >>> s, v = saturation_value(np.array([[[200, 100, 50], [0, 0, 0]]], np.uint8))
+    >>> s.tolist(), v.tolist() == hsv(np.array([[[200, 100, 50], [0, 0, 0]]], np.uint8))[2].tolist()
+    ([[0.75, 0.0]], True)
+    """
+    vmax = rgb.max(axis=-1).astype(np.float32) / 255.0
+    vmin = rgb.min(axis=-1).astype(np.float32) / 255.0
+    delta = vmax - vmin
+    return np.divide(delta, vmax, out=np.zeros_like(vmax), where=vmax > 0), vmax
+
+
 def hsv(rgb: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float32], ...]:
     """Hue (degrees), saturation and value (0-1) of an RGB uint8 image."""
     f = rgb.astype(np.float32) / 255.0
@@ -242,7 +258,7 @@ def glass_mask(rgb: npt.NDArray[np.uint8], *, block_px: int = 8, grow_blocks: in
     """
     h, w = rgb.shape[:2]
     small = block_mean_downsample(rgb, block_px)
-    _, sat, val = hsv(small)
+    sat, val = saturation_value(small)
     tissue_like = ~((sat < MIN_SATURATION_THRESHOLD) & (val > 0.75))
     if grow_blocks:
         tissue_like = ndimage.binary_dilation(tissue_like, iterations=grow_blocks)

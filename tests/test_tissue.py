@@ -91,3 +91,17 @@ def test_glass_mask_marks_glass_not_tissue_edges() -> None:
     assert not glass[:, :128].any() and not glass[:64, 128:].any()  # tissue, pale tissue kept
     assert glass[120:, 160:].all()  # glass well away from tissue
     assert not glass[:, 128:140].any()  # tissue edges are grown, never cut
+
+
+def test_saturation_value_is_hsv_without_the_hue_for_every_colour() -> None:
+    # Glass clipping on the inference path uses it; any difference would move the mask.
+    from slidejob.tissue import hsv, saturation_value
+
+    rg = np.stack(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"), -1).reshape(-1, 2)
+    for blue in np.array_split(np.arange(256), 8):
+        rgb = np.concatenate([np.repeat(rg, len(blue), 0), np.tile(blue, len(rg))[:, None]], 1)
+        rgb = rgb.astype(np.uint8)[:, None, :]
+        _, sat, val = hsv(rgb)
+        sat2, val2 = saturation_value(rgb)
+        np.testing.assert_array_equal(sat2, sat)
+        np.testing.assert_array_equal(val2, val)
