@@ -171,6 +171,10 @@ def create_image_store(
         compressors=image_codecs(),
         dimension_names=("y", "x", "c"),
         config={"write_empty_chunks": False},
+        # Keys "c.row.col.0" side by side: with "/" every chunk of an (H, W, 3) array gets a
+        # directory of its own ("c/row/col/0"), an mkdir per chunk when written and an rmdir
+        # when the store goes (a parallel file system's slowest operations).
+        chunk_key_encoding={"name": "default", "separator": "."},
     )
     tf = root.create_array(
         TISSUE_FRACTION, shape=tissue_fraction.shape, chunks=tissue_fraction.shape or (1,), dtype="float32"
@@ -204,7 +208,7 @@ class ChunkWriter:
         if (
             [c["name"] for c in codecs] == ["bytes", "blosc"]
             and key["name"] == "default"
-            and key.get("configuration", {}).get("separator", "/") == "/"
+            and key.get("configuration", {}).get("separator", "/") in ("/", ".")
             and self.dtype.itemsize == 1
         ):
             cfg = codecs[1]["configuration"]
@@ -213,9 +217,13 @@ class ChunkWriter:
             self._blosc = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=shuffle,
                                           blocksize=cfg.get("blocksize", 0))
         self._array: zarr.Array | None = None
+        self._separator = key.get("configuration", {}).get("separator", "/")
 
     def _chunk_path(self, index: tuple[int, ...]) -> Path:
-        return self.array_path.joinpath("c", *map(str, index))
+        # zarr v3 "default" chunk keys: "c" and the chunk's coordinates, joined by the separator.
+        if self._separator == "/":
+            return self.array_path.joinpath("c", *map(str, index))
+        return self.array_path / self._separator.join(["c", *map(str, index)])
 
     def write(self, index: tuple[int, ...], data: npt.NDArray[Any]) -> None:
         """Write chunk ``index`` (grid coordinates); ``data`` may be smaller than a chunk at the array's edge."""
@@ -314,9 +322,15 @@ def read_attributes(path: Path) -> dict[str, Any]:
 def stored_chunks(path: Path, array: str = LEVEL0) -> set[tuple[int, int]]:
     """The (row, col) indices of the chunks present in an array (trailing chunk indices, e.g. RGB's 0, dropped)."""
     array_path = Path(path) / array
-    ndim = len(json.loads((array_path / "zarr.json").read_text())["shape"])
-    chunk_dir = array_path / "c"
+    meta = json.loads((array_path / "zarr.json").read_text())
+    ndim = len(meta["shape"])
     present = set()
+    if meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == ".":
+        for p in array_path.glob("c." + ".".join(["*"] * ndim)):
+            parts = p.name.split(".")
+            present.add((int(parts[1]), int(parts[2])))
+        return present
+    chunk_dir = array_path / "c"
     if chunk_dir.is_dir():
         for p in chunk_dir.glob("/".join(["*"] * ndim)):
             parts = p.relative_to(chunk_dir).parts
