@@ -1015,6 +1015,11 @@ def _run_one(
             # What "auto" became on the workers that ran this slide (one entry per distinct setup).
             runtimes = {tuple(sorted(r.runtime.items())) for r in results if r.runtime}
             manifest["inference"] = {"runtimes": [dict(r) for r in sorted(runtimes)]}
+            if gpu and spec.device == "auto" and any(r["device"] == "cpu" for r in manifest["inference"]["runtimes"]):
+                # A worker declaring a GPU that CUDA does not show it (a wrong CUDA_VISIBLE_DEVICES, a
+                # CPU build of torch) infers on its CPU: right masks, a night's batch many times slower.
+                logger.warning("%s: workers declaring a GPU ran the model on their CPU (no CUDA device they "
+                               "could open; see the manifest's \"inference\")", path)
             t = time.perf_counter()
             # The tasks reduced every mask chunk and traced the lesions inside their blocks
             # while the mask was in memory: no second pass over the store.

@@ -249,8 +249,11 @@ def test_one_bad_slide_does_not_stop_the_batch(tiny_model: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_local_cluster_model_once_per_worker_and_gpu_path(tiny_model: Path, tmp_path: Path) -> None:
+def test_local_cluster_model_once_per_worker_and_gpu_path(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """2 worker processes declaring a GPU resource (the GPU-cluster code path, run on CPU)."""
+    import torch
     from distributed import Client, LocalCluster
 
     slide = write_slide(tmp_path / "s.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)],
@@ -263,6 +266,9 @@ def test_local_cluster_model_once_per_worker_and_gpu_path(tiny_model: Path, tmp_
     assert outcome.status == "ok", outcome.error
     np.testing.assert_array_equal(_mask(outcome), reference)
     assert sorted(loads.values()) == [1, 1], loads  # each process loaded the model once, for 16 tasks
+    # Workers that declare a GPU but infer on CPU are reported, not silently slow.
+    on_cpu = [r for r in caplog.records if "declaring a GPU ran the model on their CPU" in r.getMessage()]
+    assert len(on_cpu) == (0 if torch.cuda.is_available() else 1)
 
 
 @pytest.mark.slow
