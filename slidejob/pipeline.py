@@ -852,13 +852,14 @@ def run_batch(
     logger.info("%d slide(s) to process into %s (%d in flight)", len(slides), out_dir, in_flight)
     stopping = threading.Event()
 
-    def one(path: Path, after: Future[SlideOutcome] | None = None) -> SlideOutcome:
+    def one(path: Path, after: Future[SlideOutcome] | None = None,
+            identity: tuple[str | None, str] | None = None) -> SlideOutcome:
         if after is not None:
             after.exception()  # wait; the earlier copy's outcome is reported on its own
         return _run_one(
             path, out_dir, spec=spec, params=params, model_info=model_info, batch_size=batch,
             blocks_per_task=blocks_per_task, gpu=gpu, keep_tiles=keep_tiles, force=force,
-            task_threads=task_threads, stopping=stopping,
+            task_threads=task_threads, stopping=stopping, identity=identity,
         )
 
     outcomes = []
@@ -875,9 +876,9 @@ def run_batch(
             futures: list[Future[SlideOutcome]] = []
             latest: dict[str, Future[SlideOutcome]] = {}
             for path in slides:
-                slide_id = _fingerprint_and_id(path)[1]
-                futures.append(pool.submit(one, path, latest.get(slide_id)))
-                latest[slide_id] = futures[-1]
+                identity = _fingerprint_and_id(path)  # read once: the slide's run takes it as it is
+                futures.append(pool.submit(one, path, latest.get(identity[1]), identity))
+                latest[identity[1]] = futures[-1]
             results = (future.result() for future in futures)
         for i, outcome in enumerate(results, 1):
             logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
@@ -910,13 +911,15 @@ def _run_one(
     force: bool,
     task_threads: int = 1,
     stopping: threading.Event | None = None,
+    identity: tuple[str | None, str] | None = None,
 ) -> SlideOutcome:
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc)
     timings: dict[str, float] = {}
     info: SlideInfo | None = None
     slide_stats: stats.SlideStats | None = None
-    fingerprint, slide_id = _fingerprint_and_id(path)
+    # The file's fingerprint and id, when the batch has already read them to find copies of a slide.
+    fingerprint, slide_id = identity if identity is not None else _fingerprint_and_id(path)
     slide_dir = out_dir / slide_id
     manifest: dict[str, Any] = {
         "schema": MANIFEST_SCHEMA,
