@@ -204,11 +204,12 @@ class ChunkWriter:
         self.dtype = np.dtype(meta["data_type"])
         codecs = meta["codecs"]
         key = meta["chunk_key_encoding"]
+        self._separator = key.get("configuration", {}).get("separator", "/")
         self._blosc: numcodecs.Blosc | None = None
         if (
             [c["name"] for c in codecs] == ["bytes", "blosc"]
             and key["name"] == "default"
-            and key.get("configuration", {}).get("separator", "/") in ("/", ".")
+            and self._separator in ("/", ".")
             and self.dtype.itemsize == 1
         ):
             cfg = codecs[1]["configuration"]
@@ -217,7 +218,6 @@ class ChunkWriter:
             self._blosc = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=shuffle,
                                           blocksize=cfg.get("blocksize", 0))
         self._array: zarr.Array | None = None
-        self._separator = key.get("configuration", {}).get("separator", "/")
 
     def _chunk_path(self, index: tuple[int, ...]) -> Path:
         # zarr v3 "default" chunk keys: "c" and the chunk's coordinates, joined by the separator.

@@ -45,6 +45,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from slidejob.chunkstore import stored_chunks
 from slidejob.maskstore import TISSUE_FRACTION
 
 #: The 8-connectivity structure used for lesions everywhere in slidejob.
@@ -731,12 +732,9 @@ def tissue_area_from_fraction(
 def present_chunks(mask_path: Path, array: str = LEVEL0) -> list[tuple[int, int]]:
     """(row, col) of the chunks present in a 2-D array of the mask store, in raster order.
 
-    The chunk keys are ``<array>/c/<row>/<col>`` (Zarr v3 default encoding).
+    :func:`slidejob.chunkstore.stored_chunks` reads the keys, whichever separator the array uses.
     """
-    chunk_dir = Path(mask_path) / array / "c"
-    if not chunk_dir.is_dir():
-        return []
-    return sorted((int(p.parent.name), int(p.name)) for p in chunk_dir.glob("*/*") if p.is_file())
+    return sorted(stored_chunks(mask_path, array))
 
 
 def mask_mpp_um(attrs: dict[str, Any]) -> float | None:
