@@ -324,15 +324,10 @@ def stored_chunks(path: Path, array: str = LEVEL0) -> set[tuple[int, int]]:
     array_path = Path(path) / array
     meta = json.loads((array_path / "zarr.json").read_text())
     ndim = len(meta["shape"])
-    present = set()
+    # Each key's chunk coordinates: "c.<row>.<col>[.0]" or "c/<row>/<col>[/0]".
     if meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == ".":
-        for p in array_path.glob("c." + ".".join(["*"] * ndim)):
-            parts = p.name.split(".")
-            present.add((int(parts[1]), int(parts[2])))
-        return present
-    chunk_dir = array_path / "c"
-    if chunk_dir.is_dir():
-        for p in chunk_dir.glob("/".join(["*"] * ndim)):
-            parts = p.relative_to(chunk_dir).parts
-            present.add((int(parts[0]), int(parts[1])))
-    return present
+        coords = [p.name.split(".")[1:] for p in array_path.glob("c." + ".".join(["*"] * ndim))]
+    else:
+        chunk_dir = array_path / "c"
+        coords = [list(p.relative_to(chunk_dir).parts) for p in chunk_dir.glob("/".join(["*"] * ndim))]
+    return {(int(c[0]), int(c[1])) for c in coords}
