@@ -53,8 +53,12 @@ def image_codecs() -> list[Any]:
     Blosc-LZ4 compresses at several GB/s, so writing stays well ahead of JPEG
     decoding (the tiling stage's real cost); zstd shrinks H&E further but
     costs more CPU than decode itself.  Shuffle is useless on interleaved uint8.
+    Level 1, because Blosc picks smaller blocks for it, which stay in cache:
+    on 512² chunks of real H&E (CMU-1) it encodes in 0.17 ms against level 5's
+    0.30 and decodes in 0.15 against 0.18, at the same size (1.74× against
+    1.76×); on noise-like texture both take ~0.8 ms.
     """
-    return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle)]
+    return [BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.noshuffle)]
 
 
 #: This host's name as it goes into temporary names (no path separators).
