@@ -25,7 +25,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -289,15 +289,22 @@ class ChunkWriter:
         self._chunk_path(index).unlink(missing_ok=True)
 
 
-def write_block(
+def write_chunks(
     path: Path,
     y0: int,
     x0: int,
-    block: npt.NDArray[np.uint8],
+    height_px: int,
+    width_px: int,
     background: npt.NDArray[np.bool_],
+    read_region: Callable[[int, int, int, int], npt.NDArray[np.uint8]],
 ) -> int:
-    """Write one block of whole chunks at ``(y0, x0)`` of level 0; chunks flagged in ``background`` stay absent.
+    """Write the chunks of level 0 in the box at ``(y0, x0)``, each read with ``read_region(y, x, height, width)``.
 
+    Chunks flagged in ``background`` (the box's chunk grid) are neither read
+    nor written: they stay absent.  One chunk at a time rather than the box at
+    once: each chunk's source tiles are copied straight into its own contiguous
+    buffer, which is compressed and written while still in cache (cutting
+    chunks out of a whole 2048² box, 12.6 MB, copied every pixel once more).
     Returns the bytes of pixels written.
     """
     writer = ChunkWriter(Path(path) / LEVEL0)
@@ -305,12 +312,13 @@ def write_block(
     written = 0
     for cy in range(background.shape[0]):
         for cx in range(background.shape[1]):
-            if background[cy, cx]:
+            h = min(CHUNK_PX, height_px - cy * CHUNK_PX)
+            w = min(CHUNK_PX, width_px - cx * CHUNK_PX)
+            if background[cy, cx] or h <= 0 or w <= 0:
                 continue
-            chunk = block[cy * CHUNK_PX : (cy + 1) * CHUNK_PX, cx * CHUNK_PX : (cx + 1) * CHUNK_PX]
-            if chunk.size:
-                writer.write((cy0 + cy, cx0 + cx, 0), chunk)
-                written += chunk.nbytes
+            chunk = read_region(y0 + cy * CHUNK_PX, x0 + cx * CHUNK_PX, h, w)
+            writer.write((cy0 + cy, cx0 + cx, 0), chunk)
+            written += chunk.nbytes
     return written
 
 

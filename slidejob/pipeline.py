@@ -187,8 +187,7 @@ def _tile_block(
     slide_path: str, mpp_um: float | None, store: str, y0: int, x0: int, height: int, width: int, background
 ) -> int:
     reader = cached_reader(slide_path, mpp_um)
-    block = reader.read_region(y0, x0, height, width)
-    return chunkstore.write_block(Path(store), y0, x0, block, background)
+    return chunkstore.write_chunks(Path(store), y0, x0, height, width, background, reader.read_region)
 
 
 def block_slices(grid: npt.NDArray[np.bool_], block_chunks: int) -> list[tuple[int, int, npt.NDArray[np.bool_]]]:
