@@ -202,6 +202,21 @@ def tile(
     )
 
 
+def _forward_chunks(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--forward-chunks``: N or ROWSxCOLS, 1 to 16 a side, as ``"RxC"``."""
+    if value is None:
+        return None
+    from slidejob.geometry import forward_shape
+
+    try:
+        rows, cols = forward_shape(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if rows > 16 or cols > 16:
+        raise click.BadParameter(f"at most 16 chunks a side, got {value!r}")
+    return f"{rows}x{cols}"
+
+
 @cli.command(
     epilog="""\b
 Examples:
@@ -230,8 +245,8 @@ Exit status: 0 when every slide succeeded, 1 when any failed (the others still r
               help="Context around each inferred block, a multiple of 8 (default: the model's receptive radius).")
 @click.option("--infer-block-chunks", "block_chunks", type=click.IntRange(1, 16), default=None,
               help="Chunks per side of one inference task's block (default 4).")
-@click.option("--forward-chunks", type=click.IntRange(1, 16), default=None,
-              help="Chunks per side of one forward at most (default 1 on CPU, 4 on GPU).")
+@click.option("--forward-chunks", callback=_forward_chunks, default=None, metavar="N|RxC",
+              help="The most chunks one forward covers: N (N x N) or ROWSxCOLS (default 1x2 on CPU, 4x4 on GPU).")
 @click.option("--infer-batch-size", "batch_size", type=click.IntRange(1, 256), default=None,
               help="Inputs per forward (default 1 on CPU, 8 on GPU).")
 @click.option("--min-lesion-area", "min_lesion_area_um2", type=click.FloatRange(min=0), default=None,
@@ -261,7 +276,7 @@ def run(
     device: str,
     halo_px: int | None,
     block_chunks: int | None,
-    forward_chunks: int | None,
+    forward_chunks: str | None,
     batch_size: int | None,
     min_lesion_area_um2: float | None,
     save_probabilities: bool,

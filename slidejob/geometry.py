@@ -129,19 +129,49 @@ def rect_window(rect: Rect, *, halo_px: int, shape_px: tuple[int, int]) -> Windo
     return window_for(r0 * CHUNK_PX, c0 * CHUNK_PX, r1 * CHUNK_PX, c1 * CHUNK_PX, halo_px=halo_px, shape_px=shape_px)
 
 
-def split_rect(rect: Rect, max_chunks: int) -> list[Rect]:
-    """Cut a rectangle of chunks into pieces of at most ``max_chunks`` × ``max_chunks`` chunks.
+def forward_shape(value: int | str | tuple[int, int]) -> tuple[int, int]:
+    """The most chunks (rows, cols) one forward covers: ``N`` for N × N, or ``"RxC"``.
+
+    >>> forward_shape(2), forward_shape("1x2"), forward_shape("3"), forward_shape((4, 1))
+    ((2, 2), (1, 2), (3, 3), (4, 1))
+    """
+    if isinstance(value, tuple):
+        rows, cols = value
+    elif isinstance(value, int) or str(value).strip().isdigit():
+        rows = cols = int(value)
+    else:
+        parts = str(value).lower().replace("×", "x").split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"forward chunks must be N or ROWSxCOLS (e.g. 1x2), got {value!r}")
+        rows, cols = int(parts[0]), int(parts[1])
+    if rows < 1 or cols < 1:
+        raise ValueError(f"forward chunks must be at least 1 a side, got {value!r}")
+    return int(rows), int(cols)
+
+
+def split_rect(rect: Rect, max_chunks: int | str | tuple[int, int]) -> list[Rect]:
+    """Cut a rectangle of chunks into pieces of at most ``max_chunks`` (:func:`forward_shape`) chunks.
+
+    A piece is rows × cols chunks, or cols × rows where that takes fewer
+    pieces (a tall rectangle cut into wide pieces would waste them).
 
     >>> split_rect((0, 0, 3, 2), 2)
     [(0, 0, 2, 2), (2, 0, 3, 2)]
+    >>> split_rect((0, 0, 2, 2), "1x2"), split_rect((0, 0, 2, 1), "1x2")
+    ([(0, 0, 1, 2), (1, 0, 2, 2)], [(0, 0, 2, 1)])
     """
-    if max_chunks < 1:
-        raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
+    rows, cols = forward_shape(max_chunks)
     r0, c0, r1, c1 = rect
+
+    def n_pieces(h: int, w: int) -> int:
+        return -(-(r1 - r0) // h) * -(-(c1 - c0) // w)
+
+    if n_pieces(cols, rows) < n_pieces(rows, cols):
+        rows, cols = cols, rows
     return [
-        (r, c, min(r + max_chunks, r1), min(c + max_chunks, c1))
-        for r in range(r0, r1, max_chunks)
-        for c in range(c0, c1, max_chunks)
+        (r, c, min(r + rows, r1), min(c + cols, c1))
+        for r in range(r0, r1, rows)
+        for c in range(c0, c1, cols)
     ]
 
 

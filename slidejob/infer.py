@@ -172,7 +172,7 @@ def infer_blocks(
     halo_px: int,
     threshold: float,
     batch_size: int,
-    forward_chunks: int,
+    forward_chunks: int | str | tuple[int, int],
     clip_to_tissue: bool = True,
     min_area_px: int = 0,
     pyramid_levels: int = 0,
@@ -180,11 +180,12 @@ def infer_blocks(
     """Infer the tissue rectangles of some blocks and write their mask (and probability) chunks.
 
     Each block's pixels are read once (its rectangles' bounding box plus the
-    halo); every forward covers at most ``forward_chunks``² chunks of a
-    rectangle plus the halo, cut from that read.  On CPUs one chunk per forward
-    is fastest (larger inputs run slower per pixel as their activations fall
-    out of cache, more than their smaller halo share saves); GPUs take whole
-    rectangles in batches.
+    halo); every forward covers at most ``forward_chunks`` chunks
+    (:func:`slidejob.geometry.forward_shape`: ``N`` or ``"RxC"``) of a
+    rectangle plus the halo, cut from that read.  On CPUs 1 × 2 chunks per
+    forward is fastest (larger inputs run slower per pixel as their activations
+    fall out of cache, more than their smaller halo share saves); GPUs take
+    whole rectangles in batches.
 
     With ``clip_to_tissue``, cancer calls on bare glass (:func:`slidejob.tissue.glass_mask`
     of the pixels themselves) are set to 0; probabilities are written as the model gave them.

@@ -514,7 +514,7 @@ def inference_tasks(
     halo_px: int,
     threshold: float,
     block_chunks: int,
-    forward_chunks: int,
+    forward_chunks: str,
     batch_size: int,
     blocks_per_task: int,
     clip_to_tissue: bool = True,
@@ -524,7 +524,7 @@ def inference_tasks(
     """Delayed inference tasks, each computing to an :class:`slidejob.infer.BlockResult`.
 
     A task covers ``blocks_per_task`` blocks of ``block_chunks``² chunks and
-    infers only their tissue rectangles, in forwards of at most ``forward_chunks``².
+    infers only their tissue rectangles, in forwards of at most ``forward_chunks`` (``"RxC"``) chunks.
     On a cluster with GPU workers, compute them with :data:`GPU_RESOURCES`
     (``dask.compute(*tasks, resources=GPU_RESOURCES)``): the restriction then goes
     with this one compute call and no other graph can pick it up.
@@ -706,7 +706,8 @@ class RunParameters:
     precision: str
     halo_px: int
     block_chunks: int
-    forward_chunks: int
+    #: the most chunks one forward covers, "ROWSxCOLS"
+    forward_chunks: str
     min_tissue_fraction: float
     all_tissue: bool
     mpp_um_override: float | None
@@ -735,7 +736,7 @@ def run_batch(
     device: str = "auto",
     halo_px: int | None = None,
     block_chunks: int | None = None,
-    forward_chunks: int | None = None,
+    forward_chunks: int | str | None = None,
     batch_size: int | None = None,
     save_probabilities: bool = False,
     mpp_um: float | None = None,
@@ -775,7 +776,8 @@ def run_batch(
         None, ``run.block-chunks`` from the config, halved on CPU workers for slides with fewer
         blocks than task threads (:func:`cpu_block_chunks`); a value given here is used as is.
     forward_chunks
-        Chunks per side of one forward at most (default: 1 on CPU, 4 on GPU workers).
+        The most chunks one forward covers: ``N`` (N × N) or ``"RxC"`` (default: ``1x2`` on
+        CPU, ``4x4`` on GPU workers).
     batch_size
         Same-shaped inputs per forward (default: 1 on CPU, 8 on GPU workers).
     save_probabilities
@@ -821,7 +823,8 @@ def run_batch(
         precision=precision,
         halo_px=geometry.halo_for(card.receptive_radius_px, halo_px),
         block_chunks=int(config.get("run.block-chunks", block_chunks)),
-        forward_chunks=int(config.get("run.forward-chunks-gpu" if gpu else "run.forward-chunks", forward_chunks)),
+        forward_chunks="{}x{}".format(*geometry.forward_shape(
+            config.get("run.forward-chunks-gpu" if gpu else "run.forward-chunks", forward_chunks))),
         min_tissue_fraction=float(config.get("tile.min-tissue-fraction", min_tissue_fraction)),
         all_tissue=all_tissue,
         mpp_um_override=mpp_um,

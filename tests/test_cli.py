@@ -193,3 +193,11 @@ def test_run_interrupted_with_slides_in_flight_records_no_failure(tiny_model: Pa
     assert "4 of 4 slide(s) done" in rerun.stdout
     # What the interrupted process left under temporary names is gone (it is dead; the rerun is not).
     assert not [p.name for p in out.glob("*/.*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.parametrize(("value", "message"), [("1x0", "at least 1"), ("17", "at most 16"), ("big", "ROWSxCOLS")])
+def test_run_rejects_a_bad_forward_chunks_before_reading_anything(tmp_path: Path, value: str, message: str) -> None:
+    res = CliRunner().invoke(cli, ["run", str(tmp_path), "--out", str(tmp_path / "out"), "--forward-chunks", value])
+    assert res.exit_code == 2, res.output
+    assert "--forward-chunks" in res.output and message in res.output
+    assert not (tmp_path / "out").exists()

@@ -50,6 +50,29 @@ def test_split_rect_covers_the_rect_once() -> None:
         geometry.split_rect((0, 0, 1, 1), 0)
 
 
+@pytest.mark.parametrize("shape", ["1x2", "2x1", "3x1", (2, 3)])
+def test_split_rect_with_oblong_pieces_covers_the_rect_once_in_the_fewest_pieces(shape) -> None:
+    rows, cols = geometry.forward_shape(shape)
+    for rect in [(0, 0, 4, 4), (1, 2, 6, 3), (0, 0, 1, 5), (2, 1, 3, 2)]:
+        pieces = geometry.split_rect(rect, shape)
+        cover = np.zeros((8, 8), int)
+        for r0, c0, r1, c1 in pieces:
+            assert (r1 - r0 <= rows and c1 - c0 <= cols) or (r1 - r0 <= cols and c1 - c0 <= rows)
+            cover[r0:r1, c0:c1] += 1
+        expected = np.zeros((8, 8), int)
+        expected[rect[0] : rect[2], rect[1] : rect[3]] = 1
+        np.testing.assert_array_equal(cover, expected)
+        h, w = rect[2] - rect[0], rect[3] - rect[1]
+        fewest = min(-(-h // rows) * -(-w // cols), -(-h // cols) * -(-w // rows))
+        assert len(pieces) == fewest, (shape, rect)
+
+
+@pytest.mark.parametrize("bad", ["0", "1x0", "x2", "2x2x2", "a", "-1"])
+def test_forward_shape_rejects_what_is_not_n_or_rxc(bad: str) -> None:
+    with pytest.raises(ValueError, match="forward chunks"):
+        geometry.forward_shape(bad)
+
+
 def test_cut_outside_the_region_is_refused() -> None:
     region_win = geometry.region_window((0, 0, 1, 1), halo_px=8, shape_px=(2000, 2000))
     region = np.zeros((*region_win.input_shape, 3), np.uint8)

@@ -77,15 +77,17 @@ def test_stitched_mask_equals_one_pass(tiny_model: Path, all_tissue_slide, tmp_p
     assert _dice(stitched, all_tissue_slide.cancer_mask()) > 0.9
 
 
-@pytest.mark.parametrize(("block_chunks", "forward_chunks"), [(4, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize(("block_chunks", "forward_chunks", "recorded"),
+                         [(4, 1, "1x1"), (2, 2, "2x2"), (3, 2, "2x2"), (3, "1x2", "1x2"), (4, "3x1", "3x1")])
 def test_blocks_and_forward_pieces_do_not_change_the_mask(
-    tiny_model: Path, all_tissue_slide, tmp_path: Path, block_chunks: int, forward_chunks: int
+    tiny_model: Path, all_tissue_slide, tmp_path: Path, block_chunks: int, forward_chunks: int | str, recorded: str
 ) -> None:
-    # A block is read once and cut into forwards; ragged pieces (3 chunks in forwards of 2) included.
+    # A block is read once and cut into forwards; ragged pieces (3 chunks in forwards of 2) and
+    # pieces that are not square (the CPU default, 1x2) included.
     outcome = run_batch([all_tissue_slide.path], tmp_path / "out", weights=tiny_model, precision="fp32",
                         block_chunks=block_chunks, forward_chunks=forward_chunks).outcomes[0]
     assert outcome.status == "ok", outcome.error
-    assert outcome.manifest["parameters"]["forward_chunks"] == forward_chunks
+    assert outcome.manifest["parameters"]["forward_chunks"] == recorded
     reference = _reference(tiny_model, all_tissue_slide.path, outcome)
     assert (_mask(outcome) != reference).mean() <= 0.001
 
