@@ -2,8 +2,9 @@
 
 From one run, same model, same precision and layout, same threads:
   * model-only limit: the U-Net's forward on in-memory 512² batches (MP/s);
-  * halo bound: the same forward on 624² inputs (a chunk plus the 56-px halo), counting the kept
-    512² only: the ceiling of chunk-by-chunk inference with a halo, as a fraction of the limit;
+  * halo bound: the same forward on the inputs a CPU forward takes (run.forward-chunks, 1x2 chunks:
+    624 x 1136 with the 56-px halo), counting the kept pixels only: the ceiling of inference in
+    forwards of that shape with a halo, as a fraction of the limit;
   * all-tissue 8192² slide: end to end (tissue + tile + infer + stitch + write + pyramid) as a
     fraction of that limit (target ≥ 0.9);
   * half-glass 8192² slide: run time over the run time with background skipping off
@@ -40,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from slidejob import config
+from slidejob.geometry import forward_shape
 from slidejob.pipeline import dask_client, local_cluster_shape, run_batch
 from slidejob.synthetic import write_slide
 
@@ -58,12 +61,13 @@ def make_slide(workdir: Path, side_px: int, tissue: str) -> Path:
     return path
 
 
-def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *, side_px: int = 512,
-                     kept_px: int = 512) -> dict:
-    """Forward of in-memory ``side_px``² tiles: `threads` parallel forwards of one torch thread each.
+def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
+                     side_px: int | tuple[int, int] = 512, kept_px: int | tuple[int, int] = 512) -> dict:
+    """Forward of in-memory ``side_px`` tiles (a side, or (height, width)): `threads` parallel forwards of one torch thread each.
 
-    ``mp_s`` counts ``kept_px``² per forward: with ``side_px = 512 + 2 × halo`` and
-    ``kept_px = 512`` it is the most a pipeline that infers each chunk with its halo can reach.
+    ``mp_s`` counts ``kept_px`` per forward: with ``side_px`` a forward's chunks plus the halo
+    each side and ``kept_px`` those chunks, it is the most a pipeline that infers forwards of
+    that shape with their halo can reach.
     """
     import torch
 
@@ -72,7 +76,9 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *, 
     precision, channels_last = best_precision("cpu")
     torch.set_num_threads(1)
     model = load_model(card, None, precision=precision, channels_last=channels_last)
-    tile = np.random.default_rng(0).integers(0, 255, (1, side_px, side_px, 3), dtype=np.uint8)
+    side_hw = (side_px, side_px) if isinstance(side_px, int) else side_px
+    kept_hw = (kept_px, kept_px) if isinstance(kept_px, int) else kept_px
+    tile = np.random.default_rng(0).integers(0, 255, (1, *side_hw, 3), dtype=np.uint8)
     model.predict_proba(tile)  # warm-up
     stop = time.perf_counter() + seconds
     counts = [0] * threads
@@ -86,8 +92,8 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *, 
     with ThreadPoolExecutor(threads) as ex:
         list(ex.map(worker, range(threads)))
     elapsed = time.perf_counter() - t0
-    return {"precision": precision, "channels_last": channels_last, "input_px": side_px,
-            "mp_s": sum(counts) * kept_px * kept_px / 1e6 / elapsed}
+    return {"precision": precision, "channels_last": channels_last, "input_px": list(side_hw),
+            "mp_s": sum(counts) * kept_hw[0] * kept_hw[1] / 1e6 / elapsed}
 
 
 def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batch: int = 8,
@@ -277,9 +283,13 @@ def main() -> None:
     # With GPU workers the CPU's forward is no limit of anything: the "gpu" section replaces it.
     cpu_limits = not shape["gpus"]
     limits = [model_limit_mp_s(args.weights, threads)] if cpu_limits else []
-    # The same forward on one chunk plus the default halo (56 px for the shipped model), counting only
-    # the kept 512²: the ceiling of any pipeline that infers chunk by chunk with a halo.
-    halo_bounds = [model_limit_mp_s(args.weights, threads, side_px=624)] if cpu_limits else []
+    # The same forward on the chunks one CPU forward covers (run.forward-chunks, 1x2) plus the default
+    # halo (56 px for the shipped model) each side, counting only the kept chunks: the ceiling of a
+    # pipeline that infers forwards of that shape with a halo.
+    rows, cols = forward_shape(config.get("run.forward-chunks"))
+    halo_px = 56
+    halo_shape = {"side_px": (rows * 512 + 2 * halo_px, cols * 512 + 2 * halo_px), "kept_px": (rows * 512, cols * 512)}
+    halo_bounds = [model_limit_mp_s(args.weights, threads, **halo_shape)] if cpu_limits else []
     side = args.side
     all_slide = make_slide(args.workdir, side, "all")
     half_slide = make_slide(args.workdir, side, "half")
@@ -320,12 +330,12 @@ def main() -> None:
                              "mp_s": round(mp / t_all, 3), "timings_s": timings_all}
     if cpu_limits:
         limits.append(model_limit_mp_s(args.weights, threads))
-        halo_bounds.append(model_limit_mp_s(args.weights, threads, side_px=624))
+        halo_bounds.append(model_limit_mp_s(args.weights, threads, **halo_shape))
         limit = max(limits, key=lambda x: x["mp_s"])
         figures["model_limit"] = {**limit, "mp_s": round(limit["mp_s"], 3),
                                   "measured_mp_s": [round(x["mp_s"], 3) for x in limits]}
         halo_mp_s = max(x["mp_s"] for x in halo_bounds)
-        figures["halo_bound"] = {"mp_s": round(halo_mp_s, 3),
+        figures["halo_bound"] = {"forward_chunks": f"{rows}x{cols}", "mp_s": round(halo_mp_s, 3),
                                  "fraction_of_limit": round(halo_mp_s / limit["mp_s"], 3),
                                  "measured_mp_s": [round(x["mp_s"], 3) for x in halo_bounds]}
         figures["all_tissue"]["fraction_of_limit"] = round(mp / t_all / limit["mp_s"], 3)
