@@ -118,14 +118,23 @@ class _DecoderBlock(_Block):
     six interleaved rounds, same masks).
     """
 
+    #: the first convolution's weight cut along its input channels (buffers set by :meth:`split_first_conv`)
+    weight_skip: torch.Tensor
+    weight_up: torch.Tensor
+
     def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
         super().__init__(in_channels, out_channels, norm)
         self.split = False
 
+    def _first_conv(self) -> nn.Conv2d:
+        conv = self[0]
+        assert isinstance(conv, nn.Conv2d)
+        return conv
+
     def forward(self, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if not self.split:
             return super().forward(torch.cat([skip, up], dim=1))
-        conv = self[0]
+        conv = self._first_conv()
         x = nn.functional.conv2d(skip, self.weight_skip, conv.bias, padding=conv.padding)
         x = x.add_(nn.functional.conv2d(up, self.weight_up, None, padding=conv.padding))
         for layer in list(self)[1:]:
@@ -134,7 +143,7 @@ class _DecoderBlock(_Block):
 
     def split_first_conv(self) -> None:
         """Convolve the two inputs apart and add (for inference: training keeps the concatenation)."""
-        conv = self[0]
+        conv = self._first_conv()
         skip_channels = conv.in_channels // 2
         weight = conv.weight.detach()
         # Buffers, so that .to(device / memory_format) moves them; not persistent: the state_dict

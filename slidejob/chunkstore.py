@@ -327,7 +327,8 @@ def read_attributes(path: Path) -> dict[str, Any]:
     root = zarr.open_group(path, mode="r")
     attrs = root.attrs.get("slidejob")
     if not isinstance(attrs, dict):
-        raise ValueError(f"{path}: not a slidejob store (no 'slidejob' attributes)")
+        # The store's content is wrong, not an argument's type: ValueError, as for any bad input file.
+        raise ValueError(f"{path}: not a slidejob store (no 'slidejob' attributes)")  # noqa: TRY004
     return dict(attrs)
 
 

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +33,9 @@ from zarr.buffer import default_buffer_prototype
 
 from slidejob.chunked import read_chunked
 from slidejob.errors import CorruptSlide, SlideNotFound, UnsupportedSlide
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11; requires-python is 3.10
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +415,7 @@ class SlideReader:
                 data = np.moveaxis(store.read(box), 0, -1)
             else:
                 data = store.read(self._prefix + (slice(y0, y1), slice(x0, x1), slice(None)))
-        except Exception as exc:  # decoder errors come in many types (imagecodecs, zlib, OSError)
+        except Exception as exc:  # noqa: BLE001 - decoder errors come in many types (imagecodecs, zlib, OSError)
             raise CorruptSlide(
                 f"{self.path}: cannot decode level {level} region y={y0}:{y1} x={x0}:{x1} "
                 f"({type(exc).__name__}: {exc})"
@@ -425,7 +428,7 @@ class SlideReader:
         self._stores.clear()
         self._tif.close()
 
-    def __enter__(self) -> SlideReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

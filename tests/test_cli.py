@@ -177,7 +177,7 @@ def test_run_interrupted_with_slides_in_flight_records_no_failure(tiny_model: Pa
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     try:
-        _, stderr = proc.communicate(timeout=90)
+        proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("slidejob run did not stop within 90 s of SIGINT")

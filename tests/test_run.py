@@ -391,7 +391,7 @@ def test_worker_killed_mid_run_still_completes(tiny_model: Path, tmp_path: Path)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         pids = client.run(os.getpid)
-        victim = sorted(pids.values())[0]
+        victim = min(pids.values())
         done: dict = {}
         runner = threading.Thread(target=lambda: done.setdefault(
             "r", run_batch([slide.path], tmp_path / "dist", weights=tiny_model, block_chunks=1)))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11; requires-python is 3.10
 
 __all__ = ["Progress"]
 
@@ -88,7 +91,7 @@ class Progress:
         else:
             logger.info("%s", self._line())
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,28 +12,28 @@ from slidejob.model import ModelCard, UNet, receptive_radius_px, save_model
 
 def _make_card(unet: UNet, **changes: Any) -> ModelCard:
     """A valid card for ``unet`` with placeholder training facts."""
-    fields: dict[str, Any] = dict(
-        name="test-unet",
-        description="random weights for tests",
-        architecture={
+    fields: dict[str, Any] = {
+        "name": "test-unet",
+        "description": "random weights for tests",
+        "architecture": {
             "name": "unet",
             "config": unet.config.to_dict(),
             "receptive_radius_px": receptive_radius_px(unet),
         },
-        input_normalization={"space": "rgb_0_1", "mean": [0.6, 0.4, 0.7], "std": [0.2, 0.25, 0.15]},
-        mpp_um=None,
-        magnification="400x microscope",
-        threshold=0.5,
-        training={
+        "input_normalization": {"space": "rgb_0_1", "mean": [0.6, 0.4, 0.7], "std": [0.2, 0.25, 0.15]},
+        "mpp_um": None,
+        "magnification": "400x microscope",
+        "threshold": 0.5,
+        "training": {
             "dataset": "synthetic",
             "data_rules": {"mask_threshold": 128, "negative_classes": ["Normal"], "group_regex": "^(G\\d+)"},
             "split": {"method": "group", "seed": 0, "val_fraction": 0.25, "val_groups": ["G1"]},
         },
-        validation_metrics={"dice": 0.5, "sensitivity": None},
-        weights_sha256="0" * 64,
-        weights_dtype="float32",
-        slidejob_version="0.0.test",
-    )
+        "validation_metrics": {"dice": 0.5, "sensitivity": None},
+        "weights_sha256": "0" * 64,
+        "weights_dtype": "float32",
+        "slidejob_version": "0.0.test",
+    }
     fields.update(changes)
     return ModelCard(**fields)
 
