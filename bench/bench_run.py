@@ -238,18 +238,24 @@ def warm_up(workdir: Path, card: Path | None) -> None:
     run_batch([slide], workdir / "warm-out", weights=card, force=True)
 
 
-def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[int, int]]) -> list[dict]:
-    """All-tissue runs on GPU workers with other threads per worker and blocks per task, a fresh cluster each.
+def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[int, ...]]) -> list[dict]:
+    """All-tissue runs on GPU workers of other shapes, a fresh cluster each.
 
-    The defaults (``cluster.threads-per-worker`` a core less than the worker's share, ``run.blocks-per-task-gpu``
-    1) showed no end-to-end gain over 4 × 4 on the one GPU measured (README); this measures them against the
-    alternatives on the machine at hand.
+    A config is (threads per worker, blocks per task) or (workers per GPU, threads per worker,
+    blocks per task).  The defaults (one worker per GPU, ``cluster.threads-per-worker`` a core
+    less than its share, ``run.blocks-per-task-gpu`` 1) showed no end-to-end gain over 4 × 4 on
+    the one GPU measured (README).  Several worker processes per GPU is the alternative to try:
+    the CPU work around each forward holds the GIL ~10 % of its time (py-spy, one thread), so
+    one process's 15 task threads ask for more GIL than there is.
     """
     import dask.config
 
     rows = []
-    for threads, blocks in configs:
+    for config_ in configs:
+        per_gpu, threads, blocks = config_ if len(config_) == 3 else (1, *config_)
+        n_gpus = local_cluster_shape()["gpus"] or 1
         with dask.config.set({"slidejob.cluster.threads-per-worker": threads,
+                              "slidejob.cluster.n-workers": per_gpu * n_gpus,
                               "slidejob.run.blocks-per-task-gpu": blocks}):
             shape = local_cluster_shape()
             with dask_client() as client:
@@ -258,7 +264,8 @@ def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[int
                 with GpuBusy() as busy:
                     runs = [timed_run(slide, out, card) for _ in range(2)]
         seconds, manifest = min(runs, key=lambda r: r[0])
-        rows.append({"threads_per_worker": threads, "blocks_per_task": blocks, "runs_s": [round(r[0], 2) for r in runs],
+        rows.append({"workers_per_gpu": per_gpu, "threads_per_worker": threads, "blocks_per_task": blocks,
+                     "runs_s": [round(r[0], 2) for r in runs],
                      "tiles_s": round(manifest["tissue"]["n_tissue_chunks"] / seconds, 1),
                      "busy_fraction": busy.fraction, "timings_s": manifest["timings_s"]})
         print(json.dumps(rows[-1]), flush=True)
@@ -273,7 +280,8 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--gpu-sweep", default="",
                     help="with GPUs: also time the all-tissue slide for these THREADSxBLOCKS (threads per worker, "
-                         "blocks per task), e.g. 4x1,8x1,15x4")
+                         "blocks per task) or WORKERSxTHREADSxBLOCKS (worker processes per GPU first), "
+                         "e.g. 4x1,15x4,4x3x1")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     shape = local_cluster_shape()
