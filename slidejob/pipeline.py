@@ -556,9 +556,10 @@ def cpu_block_chunks(grid: npt.NDArray[np.bool_], block_chunks: int, task_thread
     """The block side for a slide on CPU workers: ``block_chunks``, halved while the slide has fewer blocks than threads.
 
     A task is one block; a small slide of one 4×4 block would keep one thread
-    busy and the others idle.  On CPUs every chunk is its own forward whatever
-    the block, so the mask does not change (pyramid levels written by the tasks
-    follow the block side).
+    busy and the others idle.  On CPUs forwards are small (``run.forward-chunks``,
+    1 × 2 chunks) whatever the block, and where their borders fall changes the
+    mask only within the seam tolerance (tested); pyramid levels written by the
+    tasks follow the block side.
 
     >>> grid = np.ones((4, 4), bool)
     >>> cpu_block_chunks(grid, 4, 1), cpu_block_chunks(grid, 4, 2), cpu_block_chunks(grid, 4, 8)
