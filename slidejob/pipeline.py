@@ -187,7 +187,19 @@ def _tile_block(
     slide_path: str, mpp_um: float | None, store: str, y0: int, x0: int, height: int, width: int, background
 ) -> int:
     reader = cached_reader(slide_path, mpp_um)
-    return chunkstore.write_chunks(Path(store), y0, x0, height, width, background, reader.read_region)
+    tile_h, tile_w = reader.tile_shape_px(0)
+    if CHUNK_PX % tile_h == 0 and CHUNK_PX % tile_w == 0:
+        # Each source tile lies in one chunk (256² tiles, say): read chunk by chunk, no tile decoded twice.
+        return chunkstore.write_chunks(Path(store), y0, x0, height, width, background, reader.read_region)
+    # Tiles across chunk borders (Aperio's 240², 1024² OME-TIFF tiles, strips): chunk-by-chunk reads
+    # would decode each such tile once per chunk it touches (~2x for 240², 4x for 1024²), so the
+    # block is read once and its chunks cut from it.
+    block = reader.read_region(y0, x0, height, width)
+
+    def cut(y: int, x: int, h: int, w: int) -> npt.NDArray[np.uint8]:
+        return block[y - y0 : y - y0 + h, x - x0 : x - x0 + w]
+
+    return chunkstore.write_chunks(Path(store), y0, x0, height, width, background, cut)
 
 
 def block_slices(grid: npt.NDArray[np.bool_], block_chunks: int) -> list[tuple[int, int, npt.NDArray[np.bool_]]]:

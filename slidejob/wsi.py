@@ -398,6 +398,11 @@ class SlideReader:
             self._stores[level] = TiffChunkReader(self._series.aszarr(level=level, maxworkers=1))
         return self._stores[level]
 
+    def tile_shape_px(self, level: int = 0) -> tuple[int, int]:
+        """Height and width of a level's stored tiles (a strip-organised level: rows per strip, full width)."""
+        chunks = self.level_store(level).chunks
+        return (chunks[-2], chunks[-1]) if self._channels_first else (chunks[-3], chunks[-2])
+
     def read_region(self, y0: int, x0: int, height: int, width: int, *, level: int = 0) -> npt.NDArray[np.uint8]:
         """Read an RGB region ``(height, width, 3)`` of a level, clipped to the level's bounds.
 

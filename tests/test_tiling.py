@@ -54,6 +54,19 @@ def test_store_equals_slide_pixels_lossless(tmp_path: Path, h: int, w: int) -> N
     _assert_store_matches_slide(out, slide.path, expected)
 
 
+@pytest.mark.parametrize("tile_px", [240, 1024])
+def test_store_equals_slide_pixels_with_tiles_across_chunk_borders(tmp_path: Path, tile_px: int) -> None:
+    # 240² (Aperio) and 1024² tiles do not divide the 512² chunks: such slides are read a block at a time.
+    h, w = 2100, 1700
+    slide = write_slide(tmp_path / "s.tif", h, w, tissue_boxes=[(0, 0, h // 2, w // 2), (h - h // 3, w - w // 3, h, w)],
+                        compression="zlib", tile_px=tile_px)
+    with open_slide(slide.path) as reader:
+        assert reader.tile_shape_px(0) == (tile_px, tile_px)
+    out = tmp_path / "s.zarr"
+    tile_slide(slide.path, out)
+    _assert_store_matches_slide(out, slide.path, slide.chunk_fraction() >= 0.01)
+
+
 def test_store_attributes(tmp_path: Path) -> None:
     slide = write_slide(tmp_path / "s.tif", 1200, 1300, tissue_boxes=[(0, 0, 600, 600)], mpp_um=0.25)
     out = tmp_path / "s.zarr"
