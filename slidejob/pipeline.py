@@ -41,7 +41,7 @@ from slidejob import (
     wsi,
 )
 from slidejob.chunkstore import CHUNK_PX
-from slidejob.errors import OutputExists
+from slidejob.errors import OutputExists, UnsupportedSlide
 from slidejob.wsi import SlideInfo, cached_reader, open_slide
 
 logger = logging.getLogger(__name__)
@@ -973,6 +973,12 @@ def _run_one(
         )
         manifest["tissue"] = {k: v for k, v in tr.attributes().items() if k != "grid"}
         timings["tissue"] = time.perf_counter() - t0
+        if info.fluorescence:
+            # The model segments brightfield H&E: on a fluorescence scan its calls (on a dark
+            # background that glass clipping does not know) came out as "micrometastasis" with a
+            # cancer area 40x the tissue's.  No result beats a confident wrong one in the summary.
+            raise UnsupportedSlide(f"{path}: fluorescence scan; slidejob's model segments brightfield H&E slides, "
+                                   "so it is not run on it")
 
         block_chunks = params.block_chunks if gpu else cpu_block_chunks(tr.grid, params.block_chunks, task_threads)
         manifest["block_chunks_used"] = block_chunks
