@@ -67,6 +67,36 @@ def test_store_equals_slide_pixels_with_tiles_across_chunk_borders(tmp_path: Pat
     _assert_store_matches_slide(out, slide.path, slide.chunk_fraction() >= 0.01)
 
 
+@pytest.mark.parametrize(("tile_px", "max_decodes_per_tile"), [(256, 1.0), (240, 1.25)])
+def test_tiling_decodes_each_source_tile_about_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tile_px: int, max_decodes_per_tile: float
+) -> None:
+    # Tiles that divide the chunks are decoded once; others (Aperio's 240²) once per block that
+    # touches them, not once per chunk (which was ~2x: the real reader counted, not replaced).
+    import collections
+
+    import dask
+
+    from slidejob.wsi import TiffChunkReader
+
+    decodes: collections.Counter = collections.Counter()
+    real_chunk = TiffChunkReader._chunk
+
+    def counting(self: TiffChunkReader, index: tuple[int, ...]):
+        decodes[(id(self), index)] += 1
+        return real_chunk(self, index)
+
+    slide = write_slide(tmp_path / "s.tif", 2100, 1700, tissue_boxes=[(0, 0, 2100, 1700)], compression="zlib",
+                        tile_px=tile_px, n_levels=1)
+    tissue = detect_slide_tissue(slide.path, all_tissue=True)  # its thumbnail reads are not counted
+    monkeypatch.setattr(TiffChunkReader, "_chunk", counting)
+    with dask.config.set(scheduler="sync"):
+        tile_slide(slide.path, tmp_path / "s.zarr", tissue_result=tissue, all_tissue=True)
+    n_tiles = -(-2100 // tile_px) * -(-1700 // tile_px)
+    assert len(decodes) == n_tiles
+    assert sum(decodes.values()) <= max_decodes_per_tile * n_tiles, sum(decodes.values()) / n_tiles
+
+
 def test_store_attributes(tmp_path: Path) -> None:
     slide = write_slide(tmp_path / "s.tif", 1200, 1300, tissue_boxes=[(0, 0, 600, 600)], mpp_um=0.25)
     out = tmp_path / "s.zarr"
