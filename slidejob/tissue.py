@@ -230,9 +230,15 @@ def block_mean_downsample(rgb: npt.NDArray[np.uint8], factor: int) -> npt.NDArra
     ph, pw = oh * factor - h, ow * factor - w
     if ph or pw:
         rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    # Integer box sums, rows then columns (6× faster than a float mean over two strided axes).
-    sums = rgb.reshape(oh, factor, ow * factor, c).sum(axis=1, dtype=np.uint32)
-    sums = sums.reshape(oh, ow, factor, c).sum(axis=2, dtype=np.uint32)
+    # Integer box sums, rows then columns, in uint16 while a box's sum fits (factor <= 16): half the
+    # memory traffic of uint32.  Rows: one reduction over contiguous runs.  Columns: an add per
+    # offset in the box — numpy's reduction over the short middle axis of (oh, ow, factor, c) was
+    # 4x slower (9.5 against 2.6 ms for a 2160² window at factor 8; glass_mask went 14.5 -> ~5 ms).
+    acc = np.uint16 if factor * factor * 255 <= np.iinfo(np.uint16).max else np.uint32
+    rows = rgb.reshape(oh, factor, ow * factor * c).sum(axis=1, dtype=acc).reshape(oh, ow, factor, c)
+    sums = rows[:, :, 0].copy()
+    for i in range(1, factor):
+        sums += rows[:, :, i]
     return mean_round_half_even(sums, factor * factor).astype(np.uint8)
 
 

@@ -72,11 +72,14 @@ def test_grid_text_roundtrip() -> None:
     np.testing.assert_array_equal(tissue.text_to_grid(tissue.grid_to_text(g)), g)
 
 
-@pytest.mark.parametrize(("h", "w", "factor"), [(64, 48, 4), (61, 50, 8), (5, 4, 2), (1, 7, 32), (100, 33, 3)])
+@pytest.mark.parametrize(("h", "w", "factor"),
+                         [(64, 48, 4), (61, 50, 8), (5, 4, 2), (1, 7, 32), (100, 33, 3), (40, 50, 16), (33, 17, 17)])
 def test_block_mean_downsample_matches_numpy(h: int, w: int, factor: int) -> None:
     # Coarse values make exact halves common: they round to even, as np.round does.
     rng = np.random.default_rng(h * w)
-    for img in (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (rng.integers(0, 5, (h, w, 3)) * 63).astype(np.uint8)):
+    # All-white boxes: the largest sums (16² x 255 is the most a uint16 sum holds; 17 takes uint32).
+    for img in (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (rng.integers(0, 5, (h, w, 3)) * 63).astype(np.uint8),
+                np.full((h, w, 3), 255, np.uint8)):
         out = tissue.block_mean_downsample(img, factor)
         oh, ow = -(-h // factor), -(-w // factor)
         padded = np.pad(img, ((0, oh * factor - h), (0, ow * factor - w), (0, 0)), mode="edge")
