@@ -108,3 +108,13 @@ def test_saturation_value_is_hsv_without_the_hue_for_every_colour() -> None:
         sat2, val2 = saturation_value(rgb)
         np.testing.assert_array_equal(sat2, sat)
         np.testing.assert_array_equal(val2, val)
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (33, 65), (1, 7), (7, 1), (2, 2), (1, 1)])
+def test_median3x3_equals_scipys_median_filter(shape: tuple[int, int]) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    # Continuous values, and values with many ties (a median network must still pick the right one).
+    for image in (rng.random(shape, dtype=np.float32), rng.integers(0, 3, shape).astype(np.float32)):
+        np.testing.assert_array_equal(tissue.median3x3(image), ndimage.median_filter(image, size=3, mode="nearest"))
