@@ -12,16 +12,10 @@ Public API::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from slidejob.model.card import CARD_SCHEMA_PATH, ModelCard
-from slidejob.model.runtime import (
-    PRECISIONS,
-    LoadedModel,
-    best_precision,
-    build_module,
-    load_model,
-    save_model,
-)
-from slidejob.model.unet import UNet, UNetConfig, receptive_radius_px
+from slidejob.model.layout import UNetConfig, receptive_radius_px
 from slidejob.model.weights_io import (
     PICKLE_SUFFIXES,
     default_weights,
@@ -30,6 +24,41 @@ from slidejob.model.weights_io import (
     resolve_model_paths,
     write_weights,
 )
+
+if TYPE_CHECKING:
+    from slidejob.model.runtime import (
+        PRECISIONS,
+        LoadedModel,
+        best_precision,
+        build_module,
+        load_model,
+        save_model,
+    )
+    from slidejob.model.unet import UNet
+
+# The names that need torch are imported on first use (PEP 562): a Dask client reads the model
+# card and finds the weights without torch (~180 MB); workers and training import them.
+_LAZY = {
+    "PRECISIONS": "slidejob.model.runtime",
+    "LoadedModel": "slidejob.model.runtime",
+    "best_precision": "slidejob.model.runtime",
+    "build_module": "slidejob.model.runtime",
+    "load_model": "slidejob.model.runtime",
+    "save_model": "slidejob.model.runtime",
+    "UNet": "slidejob.model.unet",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CARD_SCHEMA_PATH",

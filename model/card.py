@@ -18,7 +18,7 @@ from typing import Any
 
 from slidejob.errors import ModelError
 from slidejob.model._schema import schema_errors
-from slidejob.model.unet import UNetConfig, receptive_radius_px
+from slidejob.model.layout import UNetConfig, receptive_radius_px
 
 __all__ = ["CARD_SCHEMA_PATH", "ModelCard", "card_schema"]
 

@@ -13,13 +13,14 @@ import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 
 from slidejob.errors import ModelError, UnsafeWeights
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
@@ -167,6 +168,10 @@ def read_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict[s
             f"found {found}. The file was changed or belongs to another card; restore it or re-export "
             "the card and weights together."
         )
+    # torch only here and in write_weights: finding and checking a model (paths, sha256) is done by
+    # the Dask client too, which never runs it.
+    from safetensors.torch import load as safetensors_load
+
     try:
         tensors = safetensors_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -200,6 +205,8 @@ def write_weights(
             tensor = tensor.to(float_dtype)
         # clone: safetensors refuses tensors that share storage.
         tensors[name] = tensor.contiguous().clone()
+    from safetensors.torch import save as safetensors_save
+
     data = safetensors_save(tensors, metadata={"format": "pt"})
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique temporary name opened with open(), not mkstemp(): mkstemp makes

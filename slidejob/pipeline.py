@@ -13,6 +13,7 @@ import contextlib
 import datetime as _dt
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -315,6 +316,23 @@ def tile_slide(
 # --------------------------------------------------------------------------------------------------------
 
 
+def cuda_device_count() -> int:
+    """CUDA devices torch can use in this process; 0 on a Linux machine without an NVIDIA driver.
+
+    There the answer is known without importing torch, which would cost the
+    client ~180 MB of memory for the whole batch: the client never runs the
+    model (workers import torch themselves).  The driver shows itself as
+    ``/proc/driver/nvidia`` and ``/dev/nvidia*`` (``/dev/dxg`` under WSL2).
+    """
+    if sys.platform.startswith("linux") and not (
+        Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+    ):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | None = None) -> dict[str, Any]:
     """Worker processes and threads for an embedded LocalCluster on this machine.
 
@@ -329,10 +347,8 @@ def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | 
     memory each), one task thread per core, each forward on one torch thread —
     on CPUs, parallel forwards scale better than threads inside one forward.
     """
-    import torch
-
     cores = CPU_COUNT or 1
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n_gpus = cuda_device_count()
     if n_gpus:
         n = int(config.get("cluster.n-workers", n_workers) or n_gpus)
         admitted = int(1 / GPU_RESOURCES["GPU"])
@@ -421,9 +437,7 @@ def visible_gpu_ids() -> list[str]:
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     if given is not None:
         return [g.strip() for g in given.split(",") if g.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
+    return [str(i) for i in range(cuda_device_count())]
 
 
 def _gpu_local_cluster() -> type:

@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from scipy import ndimage
 
 from slidejob import chunkstore, export, infer, maskstore, stats, summarydb
 from slidejob.model import load_model
-from slidejob.pipeline import run_batch, slide_id_for
+from slidejob.pipeline import cuda_device_count, run_batch, slide_id_for
 from slidejob.synthetic import write_slide
 from slidejob.wsi import open_slide
 
@@ -521,3 +523,26 @@ def test_cuda_run_matches_the_cpu_fp32_mask(tiny_model: Path, all_tissue_slide, 
     assert _dice(_mask(outcome), cpu) >= 0.99
     assert all(devices == ["cuda"] for devices in on_cuda.values()), on_cuda
     assert [r["device"] for r in outcome.manifest["inference"]["runtimes"]] == ["cuda:0"]
+
+
+def test_the_client_of_a_run_does_not_import_torch(tiny_model: Path, tmp_path: Path) -> None:
+    # The client reads the model card and plans the run; only workers run the model. torch in the
+    # client would be ~180 MB of the batch's memory for nothing (bench_run counts client + workers).
+    if cuda_device_count():
+        pytest.skip("with CUDA the client imports torch to count the GPUs")
+    script = f"""
+import sys
+from pathlib import Path
+from slidejob.pipeline import dask_client, run_batch
+from slidejob.synthetic import write_slide
+if __name__ == "__main__":
+    slide = write_slide(Path({str(tmp_path / 's.tif')!r}), 1024, 1024, tissue_boxes=[(0, 0, 1024, 1024)])
+    with dask_client(n_workers=1, threads_per_worker=1) as client:
+        outcome = run_batch([slide.path], Path({str(tmp_path / 'out')!r}), weights=Path({str(tiny_model)!r})).outcomes[0]
+    print(outcome.status, "torch" in sys.modules)
+"""
+    (tmp_path / "client.py").write_text(script)
+    proc = subprocess.run([sys.executable, str(tmp_path / "client.py")], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["ok", "False"], proc.stdout
