@@ -18,7 +18,8 @@ skipping), reporting the ratio of the fastest of each and the median of the thre
     the last one's merge and exports fill the workers' idle time; the workers' RSS after each of
     those four batches (32 slides) shows whether a long batch grows them;
   * peak memory, client plus all workers (RSS sampled every 50 ms), for an 8192² slide and a
-    32768² slide holding the same 8192² of tissue (target ≤ 1.5 GB, ratio ≤ 1.2).
+    32768² slide holding the same 8192² of tissue, each run from a fresh client process as
+    ``slidejob run`` starts one (target ≤ 1.5 GB, ratio ≤ 1.2).
 When the embedded cluster has GPU workers, "gpu" adds the GPU's own limit (512² batches in the precision
 ``auto`` picks there), tiles/s of the all-tissue runs on the GPU workers, their fraction of that limit, and
 the GPUs' busy fraction sampled during those runs (NVML or nvidia-smi).
@@ -33,6 +34,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +214,27 @@ class PeakRSS(_Sampler):
             time.sleep(0.05)
 
 
+def peak_memory_child(slide: str, out: str, card: str | None) -> None:
+    """One slide's run as ``slidejob run`` does it: a fresh client process and its embedded cluster."""
+    with PeakRSS() as rss, dask_client() as client:
+        client.wait_for_workers(local_cluster_shape()["n_workers"])
+        timed_run(Path(slide), Path(out), Path(card) if card else None)
+    print(json.dumps({"peak_mb": rss.peak_mb}))
+
+
+def peak_memory_mb(slide: Path, out: Path, card: Path | None) -> float:
+    """Peak RSS of client + workers for one slide, measured in a child process.
+
+    Not in this one: its own limit measurements loaded torch and the model and ran
+    forwards, hundreds of MB that a real run's client never holds.
+    """
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(slide), str(out), str(card or "")],
+        capture_output=True, text=True, check=True,
+    )
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
 def timed_run(slide: Path, out: Path, card: Path | None, **kwargs) -> tuple[float, dict]:
     """Seconds of one slide's run, and its manifest."""
     t0 = time.perf_counter()
@@ -282,7 +306,11 @@ def main() -> None:
                     help="with GPUs: also time the all-tissue slide for these THREADSxBLOCKS (threads per worker, "
                          "blocks per task) or WORKERSxTHREADSxBLOCKS (worker processes per GPU first), "
                          "e.g. 4x1,15x4,4x3x1")
+    ap.add_argument("--memory-child", nargs=3, metavar=("SLIDE", "OUT", "CARD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        peak_memory_child(*args.memory_child)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     shape = local_cluster_shape()
     threads = shape["n_workers"] * shape["threads_per_worker"]
@@ -389,10 +417,7 @@ def main() -> None:
         for name, slide in (("8192", small), ("32768", big)):
             if slide is None:
                 continue
-            with PeakRSS() as rss, dask_client() as client:
-                client.wait_for_workers(shape["n_workers"])
-                timed_run(slide, out, args.weights)
-            peaks[name] = round(rss.peak_mb, 1)
+            peaks[name] = round(peak_memory_mb(slide, out, args.weights), 1)
         figures["peak_memory_mb"] = peaks
         if len(peaks) == 2:
             figures["peak_memory_ratio_32768_over_8192"] = round(peaks["32768"] / peaks["8192"], 3)
