@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage
 
-from slidejob.stats import CONNECTIVITY_8, on_border
+from slidejob.stats import label_components, on_border
 
 Ring = npt.NDArray[np.int64]  # (k, 2) vertices (x, y), not repeated at the end
 
@@ -272,10 +271,7 @@ def interior_outlines(
     the components flagged in ``removed`` were zeroed in ``mask``
     (:func:`slidejob.stats.remove_small_interior`): a task labels its block once.
     """
-    if labelled is None:
-        labels, n = ndimage.label(np.asarray(mask) != 0, structure=CONNECTIVITY_8)
-    else:
-        labels, n = labelled
+    labels, n = labelled if labelled is not None else label_components(np.asarray(mask))
     if n == 0:
         return {}
     keep = ~on_border(labels, n)
