@@ -187,6 +187,11 @@ def create_image_store(
     return root
 
 
+def _key_separator(meta: dict[str, Any]) -> str:
+    """The separator of an array's zarr v3 "default" chunk keys ("/" unless its zarr.json says ".")."""
+    return str(meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/"))
+
+
 class ChunkWriter:
     """Writes (and reads back) whole 512×512 chunks of one array, each chunk's bytes encoded by the array's own codecs.
 
@@ -208,7 +213,7 @@ class ChunkWriter:
         self.dtype = np.dtype(meta["data_type"])
         codecs = meta["codecs"]
         key = meta["chunk_key_encoding"]
-        self._separator = key.get("configuration", {}).get("separator", "/")
+        self._separator = _key_separator(meta)
         self._blosc: numcodecs.Blosc | None = None
         if (
             [c["name"] for c in codecs] == ["bytes", "blosc"]
@@ -301,11 +306,12 @@ def write_chunks(
     """Write the chunks of level 0 in the box at ``(y0, x0)``, each read with ``read_region(y, x, height, width)``.
 
     Chunks flagged in ``background`` (the box's chunk grid) are neither read
-    nor written: they stay absent.  One chunk at a time rather than the box at
-    once: each chunk's source tiles are copied straight into its own contiguous
-    buffer, which is compressed and written while still in cache (cutting
-    chunks out of a whole 2048² box, 12.6 MB, copied every pixel once more).
-    Returns the bytes of pixels written.
+    nor written: they stay absent.  One chunk at a time: given a slide reader's
+    ``read_region``, each chunk's source tiles are copied straight into its own
+    contiguous buffer, compressed and written while still in cache (cutting
+    chunks out of a whole 2048² box, 12.6 MB, copied every pixel once more);
+    ``read_region`` may also cut from a box read once (see
+    :func:`slidejob.pipeline._tile_block` for when).  Returns the bytes of pixels written.
     """
     writer = ChunkWriter(Path(path) / LEVEL0)
     cy0, cx0 = y0 // CHUNK_PX, x0 // CHUNK_PX
@@ -338,7 +344,7 @@ def stored_chunks(path: Path, array: str = LEVEL0) -> set[tuple[int, int]]:
     meta = json.loads((array_path / "zarr.json").read_text())
     ndim = len(meta["shape"])
     # Each key's chunk coordinates: "c.<row>.<col>[.0]" or "c/<row>/<col>[/0]".
-    if meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == ".":
+    if _key_separator(meta) == ".":
         coords = [p.name.split(".")[1:] for p in array_path.glob("c." + ".".join(["*"] * ndim))]
     else:
         chunk_dir = array_path / "c"
