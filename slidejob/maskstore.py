@@ -196,7 +196,8 @@ def downsample_mean(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     ph, pw = h % 2, w % 2
     if ph or pw:
         block = np.pad(block, ((0, ph), (0, pw)), mode="edge")
-    # The four strided quarters summed (3× faster for 2×2 than tissue.block_mean_downsample's reshape sums).
+    # The four strided quarters summed (9.6 against tissue.block_mean_downsample's 10.6 ms for a 2048²
+    # block since that got faster; 3× faster than its old reshape sums).
     total = block[0::2, 0::2].astype(np.uint16) + block[1::2, 0::2] + block[0::2, 1::2] + block[1::2, 1::2]
     return mean_round_half_even(total, 4).astype(np.uint8)
 
