@@ -45,7 +45,8 @@ import numpy as np
 import psutil
 
 from slidejob import config
-from slidejob.geometry import forward_shape
+from slidejob.geometry import forward_shape, halo_for
+from slidejob.model import ModelCard, resolve_model_paths
 from slidejob.pipeline import dask_client, local_cluster_shape, run_batch
 from slidejob.synthetic import write_slide
 
@@ -62,6 +63,12 @@ def make_slide(workdir: Path, side_px: int, tissue: str) -> Path:
         write_slide(tmp, side_px, side_px, tissue_boxes=boxes, compression="jpeg", n_levels=4, texture_pool=16)
         tmp.rename(path)
     return path
+
+
+def default_halo_px(card: Path | None) -> int:
+    """The halo a run takes by default with this card: its receptive radius rounded up to 8 (56 px, shipped model)."""
+    card_path, _ = resolve_model_paths(card, None)
+    return halo_for(ModelCard.load(card_path).receptive_radius_px)
 
 
 def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
@@ -323,7 +330,7 @@ def main() -> None:
     # halo (56 px for the shipped model) each side, counting only the kept chunks: the ceiling of a
     # pipeline that infers forwards of that shape with a halo.
     rows, cols = forward_shape(config.get("run.forward-chunks"))
-    halo_px = 56
+    halo_px = default_halo_px(args.weights)
     halo_shape = {"side_px": (rows * 512 + 2 * halo_px, cols * 512 + 2 * halo_px), "kept_px": (rows * 512, cols * 512)}
     halo_bounds = [model_limit_mp_s(args.weights, threads, **halo_shape)] if cpu_limits else []
     side = args.side
@@ -379,8 +386,8 @@ def main() -> None:
         # GPU workers ran the slide: compare with the GPU's own forward, in its precision, on batches of 512²
         # tiles (the issue's limit) and of whole 4×4 blocks plus the halo (what the GPU workers feed it).
         gpu = gpu_limit(args.weights)
-        gpu_blocks = gpu_limit(args.weights, side_px=2048 + 2 * 56, kept_px=2048, batch=1)
-        gpu_blocks_tuned = gpu_limit(args.weights, side_px=2048 + 2 * 56, kept_px=2048, batch=1,
+        gpu_blocks = gpu_limit(args.weights, side_px=2048 + 2 * halo_px, kept_px=2048, batch=1)
+        gpu_blocks_tuned = gpu_limit(args.weights, side_px=2048 + 2 * halo_px, kept_px=2048, batch=1,
                                      cudnn_benchmark=True)
         chunks = (side // 512) ** 2
         figures["gpu"] = {
