@@ -246,7 +246,7 @@ Exit status: 0 when every slide succeeded, 1 when any failed (the others still r
 @click.option("--infer-block-chunks", "block_chunks", type=click.IntRange(1, 16), default=None,
               help="Chunks per side of one inference task's block (default 4).")
 @click.option("--forward-chunks", callback=_forward_chunks, default=None, metavar="N|RxC",
-              help="The most chunks one forward covers: N (N x N) or ROWSxCOLS (default 1x2 on CPU, 4x4 on GPU).")
+              help="The most chunks one forward covers: N (N x N) or ROWSxCOLS (default 2x2 on CPU, 4x4 on GPU).")
 @click.option("--infer-batch-size", "batch_size", type=click.IntRange(1, 256), default=None,
               help="Inputs per forward (default 1 on CPU, 8 on GPU).")
 @click.option("--min-lesion-area", "min_lesion_area_um2", type=click.FloatRange(min=0), default=None,

@@ -546,3 +546,43 @@ if __name__ == "__main__":
                           timeout=300, check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-2:] == ["ok", "False"], proc.stdout
+
+
+def test_cpu_workers_keep_forward_memory_instead_of_faulting_it_in_again() -> None:
+    # glibc would hand a forward's large activations out as fresh mmaps and unmap them on free, so
+    # every forward page-faulted them in again (~15,000 faults a 624 x 1136 forward with the old
+    # worker environment, two task threads); the CPU workers' malloc settings keep them in the heap.
+    from slidejob.pipeline import CPU_WORKER_ENVIRON, dask_client
+
+    if cuda_device_count():
+        pytest.skip("GPU workers keep the other malloc settings")
+
+    def faults_per_forward() -> dict:
+        import os
+        import resource
+        from concurrent.futures import ThreadPoolExecutor
+
+        import numpy as np
+
+        from slidejob.model import load_model
+
+        model = load_model(None, None, precision="fp32", channels_last=True)
+        x = np.random.default_rng(0).integers(0, 255, (1, 624, 1136, 3), dtype=np.uint8)
+
+        def forwards(n: int) -> None:
+            with ThreadPoolExecutor(2) as pool:  # as a worker's two task threads do
+                list(pool.map(lambda _: model.predict_proba(x), range(n)))
+
+        forwards(4)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        forwards(6)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        return {"faults": (after - before) / 6, "environ": {k: os.environ.get(k) for k in CPU_WORKER_ENVIRON}}
+
+    outside = {k: os.environ.get(k) for k in (*CPU_WORKER_ENVIRON, "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+    with dask_client(n_workers=1, threads_per_worker=2) as client:
+        (seen,) = client.run(faults_per_forward).values()
+    assert seen["environ"] == {k: str(v) for k, v in CPU_WORKER_ENVIRON.items()}
+    assert seen["faults"] < 2000, seen
+    # The nannies' spawn environment did not stay behind in this process's.
+    assert {k: os.environ.get(k) for k in outside} == outside
