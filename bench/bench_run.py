@@ -1,10 +1,11 @@
 """Benchmark of the main job, `slidejob run` (issue: distributed inference).  Not a test: prints figures.
 
 From one run, same model, same precision and layout, same threads:
-  * model-only limit: the U-Net's forward on in-memory 512² batches (MP/s);
-  * halo bound: the same forward on the inputs a CPU forward takes (run.forward-chunks, 1x2 chunks:
-    624 x 1136 with the 56-px halo), counting the kept pixels only: the ceiling of inference in
-    forwards of that shape with a halo, as a fraction of the limit;
+  * model-only limit: the U-Net's forward on in-memory 512² batches (MP/s), the better of this
+    process's default malloc and, in a fresh process, the CPU workers' (pipeline.CPU_WORKER_ENVIRON);
+  * halo bound: the same forward on the inputs a CPU forward takes (run.forward-chunks, 2x2 chunks:
+    1136² with the 56-px halo), counting the kept pixels only, with the workers' malloc: the ceiling
+    of inference in forwards of that shape with a halo, as a fraction of the limit;
   * all-tissue 8192² slide: end to end (tissue + tile + infer + stitch + write + pyramid) as a
     fraction of that limit (target ≥ 0.9);
   * half-glass 8192² slide: run time over the run time with background skipping off
@@ -47,7 +48,7 @@ import psutil
 from slidejob import config
 from slidejob.geometry import forward_shape, halo_for
 from slidejob.model import ModelCard, resolve_model_paths
-from slidejob.pipeline import dask_client, local_cluster_shape, run_batch
+from slidejob.pipeline import CPU_WORKER_ENVIRON, dask_client, local_cluster_shape, run_batch
 from slidejob.synthetic import write_slide
 
 
@@ -104,6 +105,21 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
     elapsed = time.perf_counter() - t0
     return {"precision": precision, "channels_last": channels_last, "input_px": list(side_hw),
             "mp_s": sum(counts) * kept_hw[0] * kept_hw[1] / 1e6 / elapsed}
+
+
+def model_limit_in_worker_env(card: Path | None, threads: int, **shape: object) -> dict:
+    """:func:`model_limit_mp_s` in a fresh process with the CPU workers' malloc settings, as their forwards run."""
+    env = {**os.environ, **{k: str(v) for k, v in CPU_WORKER_ENVIRON.items()}}
+    args = json.dumps({"card": str(card or ""), "threads": threads, **shape})
+    proc = subprocess.run([sys.executable, __file__, "--limit-child", args], env=env,
+                          capture_output=True, text=True, check=True)
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "malloc": "workers'"}
+
+
+def limit_child(args: str) -> None:
+    a = json.loads(args)
+    shape = {k: tuple(v) if isinstance(v, list) else v for k, v in a.items() if k in ("side_px", "kept_px")}
+    print(json.dumps(model_limit_mp_s(Path(a["card"]) if a["card"] else None, a["threads"], **shape)))
 
 
 def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batch: int = 8,
@@ -314,9 +330,13 @@ def main() -> None:
                          "blocks per task) or WORKERSxTHREADSxBLOCKS (worker processes per GPU first), "
                          "e.g. 4x1,15x4,4x3x1")
     ap.add_argument("--memory-child", nargs=3, metavar=("SLIDE", "OUT", "CARD"), help=argparse.SUPPRESS)
+    ap.add_argument("--limit-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         peak_memory_child(*args.memory_child)
+        return
+    if args.limit_child:
+        limit_child(args.limit_child)
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     shape = local_cluster_shape()
@@ -325,14 +345,17 @@ def main() -> None:
                      "cpu_count": os.cpu_count()}
     # With GPU workers the CPU's forward is no limit of anything: the "gpu" section replaces it.
     cpu_limits = not shape["gpus"]
-    limits = [model_limit_mp_s(args.weights, threads)] if cpu_limits else []
-    # The same forward on the chunks one CPU forward covers (run.forward-chunks, 1x2) plus the default
+    # The limit is the better of this process's default malloc and the workers' settings
+    # (CPU_WORKER_ENVIRON, a fresh process); the halo bound is measured with the workers'.
+    limits = [{**model_limit_mp_s(args.weights, threads), "malloc": "default"},
+              model_limit_in_worker_env(args.weights, threads)] if cpu_limits else []
+    # The same forward on the chunks one CPU forward covers (run.forward-chunks, 2x2) plus the default
     # halo (56 px for the shipped model) each side, counting only the kept chunks: the ceiling of a
     # pipeline that infers forwards of that shape with a halo.
     rows, cols = forward_shape(config.get("run.forward-chunks"))
     halo_px = default_halo_px(args.weights)
     halo_shape = {"side_px": (rows * 512 + 2 * halo_px, cols * 512 + 2 * halo_px), "kept_px": (rows * 512, cols * 512)}
-    halo_bounds = [model_limit_mp_s(args.weights, threads, **halo_shape)] if cpu_limits else []
+    halo_bounds = [model_limit_in_worker_env(args.weights, threads, **halo_shape)] if cpu_limits else []
     side = args.side
     all_slide = make_slide(args.workdir, side, "all")
     half_slide = make_slide(args.workdir, side, "half")
@@ -372,11 +395,11 @@ def main() -> None:
     figures["all_tissue"] = {"seconds": round(t_all, 1), "runs_s": [round(r[0], 1) for r in all_runs],
                              "mp_s": round(mp / t_all, 3), "timings_s": timings_all}
     if cpu_limits:
-        limits.append(model_limit_mp_s(args.weights, threads))
-        halo_bounds.append(model_limit_mp_s(args.weights, threads, **halo_shape))
+        limits.append(model_limit_in_worker_env(args.weights, threads))
+        halo_bounds.append(model_limit_in_worker_env(args.weights, threads, **halo_shape))
         limit = max(limits, key=lambda x: x["mp_s"])
         figures["model_limit"] = {**limit, "mp_s": round(limit["mp_s"], 3),
-                                  "measured_mp_s": [round(x["mp_s"], 3) for x in limits]}
+                                  "measured_mp_s": [[round(x["mp_s"], 3), x["malloc"]] for x in limits]}
         halo_mp_s = max(x["mp_s"] for x in halo_bounds)
         figures["halo_bound"] = {"forward_chunks": f"{rows}x{cols}", "mp_s": round(halo_mp_s, 3),
                                  "fraction_of_limit": round(halo_mp_s / limit["mp_s"], 3),
