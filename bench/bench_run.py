@@ -285,11 +285,11 @@ def warm_up(workdir: Path, card: Path | None) -> None:
     run_batch([slide], workdir / "warm-out", weights=card, force=True)
 
 
-def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[int, ...]]) -> list[dict]:
+def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[tuple[int, ...], str]]) -> list[dict]:
     """All-tissue runs on GPU workers of other shapes, a fresh cluster each.
 
     A config is (threads per worker, blocks per task) or (workers per GPU, threads per worker,
-    blocks per task).  The defaults (one worker per GPU, ``cluster.threads-per-worker`` a core
+    blocks per task), with the workers' ``cluster.worker-malloc`` ("auto" unless given).  The defaults (one worker per GPU, ``cluster.threads-per-worker`` a core
     less than its share, ``run.blocks-per-task-gpu`` 1) showed no end-to-end gain over 4 × 4 on
     the one GPU measured (README).  Several worker processes per GPU is the alternative to try:
     the CPU work around each forward holds the GIL ~10 % of its time (py-spy, one thread), so
@@ -298,12 +298,13 @@ def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[int
     import dask.config
 
     rows = []
-    for config_ in configs:
+    for config_, malloc in configs:
         per_gpu, threads, blocks = config_ if len(config_) == 3 else (1, *config_)
         n_gpus = local_cluster_shape()["gpus"] or 1
         with dask.config.set({"slidejob.cluster.threads-per-worker": threads,
                               "slidejob.cluster.n-workers": per_gpu * n_gpus,
-                              "slidejob.run.blocks-per-task-gpu": blocks}):
+                              "slidejob.run.blocks-per-task-gpu": blocks,
+                              "slidejob.cluster.worker-malloc": malloc}):
             shape = local_cluster_shape()
             with dask_client() as client:
                 client.wait_for_workers(shape["n_workers"])
@@ -312,6 +313,7 @@ def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[int
                     runs = [timed_run(slide, out, card) for _ in range(2)]
         seconds, manifest = min(runs, key=lambda r: r[0])
         rows.append({"workers_per_gpu": per_gpu, "threads_per_worker": threads, "blocks_per_task": blocks,
+                     "worker_malloc": malloc,
                      "runs_s": [round(r[0], 2) for r in runs],
                      "tiles_s": round(manifest["tissue"]["n_tissue_chunks"] / seconds, 1),
                      "busy_fraction": busy.fraction, "timings_s": manifest["timings_s"]})
@@ -327,8 +329,8 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--gpu-sweep", default="",
                     help="with GPUs: also time the all-tissue slide for these THREADSxBLOCKS (threads per worker, "
-                         "blocks per task) or WORKERSxTHREADSxBLOCKS (worker processes per GPU first), "
-                         "e.g. 4x1,15x4,4x3x1")
+                         "blocks per task) or WORKERSxTHREADSxBLOCKS (worker processes per GPU first), each "
+                         "optionally with :MALLOC (cluster.worker-malloc), e.g. 4x1,15x4,4x3x1,1x15x1:heap")
     ap.add_argument("--memory-child", nargs=3, metavar=("SLIDE", "OUT", "CARD"), help=argparse.SUPPRESS)
     ap.add_argument("--limit-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -423,7 +425,10 @@ def main() -> None:
         }
         print(json.dumps(figures, indent=2), flush=True)  # so far: the sweep below may run out of time
         if args.gpu_sweep:
-            configs = [tuple(int(v) for v in c.split("x")) for c in args.gpu_sweep.split(",")]
+            configs = []
+            for c in args.gpu_sweep.split(","):
+                shape_, _, malloc = c.partition(":")
+                configs.append((tuple(int(v) for v in shape_.split("x")), malloc or "auto"))
             figures["gpu"]["sweep"] = gpu_sweep(all_slide, out, args.weights, configs)
     t_half = min(h for h, _ in half_pairs)
     t_half_noskip = min(n for _, n in half_pairs)

@@ -375,6 +375,22 @@ CPU_WORKER_ENVIRON = {"MALLOC_ARENA_MAX": 1, "MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM
 #: arena's lock.  Allocations up to 32 MiB (glibc's adaptive ceiling; the nanny's trim threshold
 #: would otherwise make it 128 KiB) come from the heap again: a CPU forward ran 1.6x slower without.
 GPU_WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
+#: ``cluster.worker-malloc`` choices.
+WORKER_MALLOC: dict[str, dict[str, int]] = {"heap": CPU_WORKER_ENVIRON, "large-mmap": GPU_WORKER_ENVIRON, "dask": {}}
+
+
+def worker_environ(gpus: int) -> dict[str, int]:
+    """The malloc environment for the embedded cluster's workers (``cluster.worker-malloc``).
+
+    >>> worker_environ(0) == CPU_WORKER_ENVIRON, worker_environ(1) == GPU_WORKER_ENVIRON
+    (True, True)
+    """
+    choice = str(config.get("cluster.worker-malloc"))
+    if choice == "auto":
+        choice = "large-mmap" if gpus else "heap"
+    if choice not in WORKER_MALLOC:
+        raise ValueError(f"cluster.worker-malloc must be auto or one of {', '.join(WORKER_MALLOC)}, got {choice!r}")
+    return WORKER_MALLOC[choice]
 
 
 @contextlib.contextmanager
@@ -413,7 +429,7 @@ def dask_client(
     # does not exist, so ids past torch's count are not handed out.
     gpu_kwargs = {"gpu_ids": visible_gpu_ids()[: shape["gpus"]]} if shape["gpus"] else {}
     cluster_class = _gpu_local_cluster() if shape["gpus"] else LocalCluster
-    environ = GPU_WORKER_ENVIRON if shape["gpus"] else CPU_WORKER_ENVIRON
+    environ = worker_environ(shape["gpus"])
     spawn_config = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **environ}
     # A nanny takes a variable already in this process's environment over its config, and copies
     # its spawn environment into this process's: a cluster started before in this process (tests,
