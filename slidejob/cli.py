@@ -206,7 +206,7 @@ def _forward_chunks(ctx: click.Context, param: click.Parameter, value: str | Non
     """``--forward-chunks``: N or ROWSxCOLS, 1 to 16 a side, as ``"RxC"``."""
     if value is None:
         return None
-    from slidejob.geometry import forward_shape
+    from slidejob.geometry import forward_label, forward_shape
 
     try:
         rows, cols = forward_shape(value)
@@ -214,7 +214,7 @@ def _forward_chunks(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter(str(exc)) from None
     if rows > 16 or cols > 16:
         raise click.BadParameter(f"at most 16 chunks a side, got {value!r}")
-    return f"{rows}x{cols}"
+    return forward_label((rows, cols))
 
 
 @cli.command(

@@ -149,6 +149,15 @@ def forward_shape(value: int | str | tuple[int, int]) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
+def forward_label(value: int | str | tuple[int, int]) -> str:
+    """:func:`forward_shape` as the ``"RxC"`` that manifests and the config record.
+
+    >>> forward_label(2), forward_label(" 1 X 2"), forward_label((4, 1))
+    ('2x2', '1x2', '4x1')
+    """
+    return "{}x{}".format(*forward_shape(value))
+
+
 def split_rect(rect: Rect, max_chunks: int | str | tuple[int, int]) -> list[Rect]:
     """Cut a rectangle of chunks into pieces of at most ``max_chunks`` (:func:`forward_shape`) chunks.
 

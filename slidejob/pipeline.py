@@ -889,8 +889,8 @@ def run_batch(
         precision=precision,
         halo_px=geometry.halo_for(card.receptive_radius_px, halo_px),
         block_chunks=int(config.get("run.block-chunks", block_chunks)),
-        forward_chunks="{}x{}".format(*geometry.forward_shape(
-            config.get("run.forward-chunks-gpu" if gpu else "run.forward-chunks", forward_chunks))),
+        forward_chunks=geometry.forward_label(
+            config.get("run.forward-chunks-gpu" if gpu else "run.forward-chunks", forward_chunks)),
         min_tissue_fraction=float(config.get("tile.min-tissue-fraction", min_tissue_fraction)),
         all_tissue=all_tissue,
         mpp_um_override=mpp_um,
