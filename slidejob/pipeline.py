@@ -538,6 +538,34 @@ def _has_gpu_workers(client: Any) -> bool:
     return any("GPU" in (w.get("resources") or {}) for w in workers.values())
 
 
+def _warn_unless_cpu_workers_keep_their_heap(client: Any) -> None:
+    """Log a warning when CPU workers lack the malloc settings of ``cluster.worker-malloc``.
+
+    The embedded cluster gets them; workers started outside slidejob (``--scheduler``) need them
+    in their environment, or their forwards page-fault every activation in afresh
+    (:data:`CPU_WORKER_ENVIRON`), and nothing else would tell a user why a night's batch was slow.
+    """
+    expected = {k: str(v) for k, v in worker_environ(0).items()}
+    if not expected:
+        return
+
+    def malloc_environ() -> dict[str, str | None]:
+        import os
+
+        return {k: os.environ.get(k) for k in expected}
+
+    try:
+        seen = client.run(malloc_environ)
+    except Exception:  # a worker going away mid-call: no reason to stop the batch  # noqa: BLE001
+        return
+    lacking = sorted(address for address, environ in seen.items() if environ != expected)
+    if lacking:
+        settings = " ".join(f"{k}={v}" for k, v in expected.items())
+        logger.warning("%d of %d CPU worker(s) (%s%s) run without %s: their forwards page-fault every "
+                       "activation in afresh, 10-45 %% slower; start workers with it (deploy/README.md)",
+                       len(lacking), len(seen), lacking[0], ", ..." if len(lacking) > 1 else "", settings)
+
+
 def _task_threads_per_host(client: Any) -> int:
     """Task threads that share one machine's cores: the most any host runs across its workers.
 
@@ -874,6 +902,8 @@ def run_batch(
     card = ModelCard.load(card_path)
     client = _client_or_none()
     gpu = _has_gpu_workers(client)
+    if client is not None and not gpu:
+        _warn_unless_cpu_workers_keep_their_heap(client)
     threads = _task_threads_per_host(client)
     spec = infer.ModelSpec(
         card_path=str(card_path),

@@ -105,6 +105,7 @@ def test_run_end_to_end_on_a_local_cluster_of_two_worker_processes(
     # The NDPI fluorescence scan fails with its reason (the H&E model does not apply); the others run.
     assert res.returncode == 1, res.stderr[-3000:]
     assert "dashboard: http" in res.stderr
+    assert "CPU worker(s)" not in res.stderr  # the embedded cluster's workers have the malloc settings
     assert "5 of 6 slide(s) done" in res.stdout
     manifests = [json.loads(m.read_text()) for m in out.glob("*/manifest.json")]
     failed = [m for m in manifests if m["status"] != "ok"]
@@ -140,6 +141,9 @@ def test_run_on_an_existing_cluster_by_address_and_by_scheduler_file(tiny_model:
                              "--scheduler", cluster.scheduler_address)
         assert by_address.returncode == 0, by_address.stderr[-2000:]
         assert sum(client.run(infer.load_count).values()) == 1
+        # A worker started without slidejob's malloc settings is named, with the settings to give it.
+        assert "1 of 1 CPU worker(s) (tcp://" in by_address.stderr, by_address.stderr[-2000:]
+        assert "MALLOC_ARENA_MAX=1" in by_address.stderr
         # What `dask scheduler --scheduler-file` writes, reduced to the field a client reads.
         (tmp_path / "scheduler.json").write_text(json.dumps({"type": "Scheduler", "address": cluster.scheduler_address}))
         by_file = run_cli("run", str(slide.path), "--out", str(tmp_path / "b"), "--weights", str(tiny_model),
