@@ -112,7 +112,9 @@ def model_limit_in_worker_env(card: Path | None, threads: int, **shape: object) 
     env = {**os.environ, **{k: str(v) for k, v in CPU_WORKER_ENVIRON.items()}}
     args = json.dumps({"card": str(card or ""), "threads": threads, **shape})
     proc = subprocess.run([sys.executable, __file__, "--limit-child", args], env=env,
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"limit child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "malloc": "workers'"}
 
 

@@ -72,14 +72,17 @@ class _DecoderBlock(_Block):
         """The block's output for ``inputs == [skip, up]``, which it empties.
 
         The list is the only holder of the two tensors (the caller keeps no name
-        for them), so each is freed once its convolution has read it: in a CPU
-        forward of 1136² pixels the last decoder's full-size inputs were ~80 MB of
-        a ~300 MB peak.
+        for them), so each is freed once read (split: by its convolution;
+        otherwise by the concatenation): in a CPU forward of 1136² pixels the
+        last decoder's full-size inputs were ~80 MB of a ~300 MB peak.  (Forward
+        hooks on a decoder block see the list emptied.)
         """
         up = inputs.pop()
         skip = inputs.pop()
         if not self.split:
-            return super().forward(torch.cat([skip, up], dim=1))
+            x = torch.cat([skip, up], dim=1)
+            del skip, up
+            return super().forward(x)
         conv = self._first_conv()
         x = nn.functional.conv2d(skip, self.weight_skip, conv.bias, padding=conv.padding)
         del skip

@@ -182,8 +182,8 @@ def infer_blocks(
     Each block's pixels are read once (its rectangles' bounding box plus the
     halo); every forward covers at most ``forward_chunks`` chunks
     (:func:`slidejob.geometry.forward_shape`: ``N`` or ``"RxC"``) of a
-    rectangle plus the halo, cut from that read.  On CPUs 2 × 2 chunks per
-    forward (larger inputs cost less halo per pixel but take more memory); GPUs take
+    rectangle plus the halo, cut from that read.  On CPUs a forward covers 2 × 2
+    chunks (larger inputs cost less halo per pixel but take more memory); GPUs take
     whole rectangles in batches.
 
     With ``clip_to_tissue``, cancer calls on bare glass (:func:`slidejob.tissue.glass_mask`

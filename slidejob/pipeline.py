@@ -367,13 +367,14 @@ def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | 
 #: arena mmaps whatever outgrows its 64 MiB heap whatever the threshold.  On an 8192² slide the
 #: worker took 1.1-2.0 M page faults and 2.5-4.3 s of kernel time (of ~16 s).  One arena (the main
 #: heap, grown by brk), no mmap and a 1 GiB trim threshold keep freed activations for the next
-#: forward: under 0.2 M faults, 0.3-0.8 s, the slide's inference 10-20 % faster, and larger forwards
+#: forward: under 0.2 M faults, 0.3-0.8 s, the slide's inference 10-25 % faster, and larger forwards
 #: no longer slower per pixel.  The cost: a worker keeps its peak heap instead of handing it back.
 #: Workers of a cluster started outside slidejob (--scheduler) want it in their environment too.
 CPU_WORKER_ENVIRON = {"MALLOC_ARENA_MAX": 1, "MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 2**30}
-#: GPU workers: activations live on the device, and their many task threads would queue on one
-#: arena's lock.  Allocations up to 32 MiB (glibc's adaptive ceiling; the nanny's trim threshold
-#: would otherwise make it 128 KiB) come from the heap again: a CPU forward ran 1.6x slower without.
+#: GPU workers: activations live on the device, and their many task threads might queue on one
+#: arena's lock (unmeasured: bench/gpu_check.sh times both).  Allocations up to 32 MiB (glibc's
+#: adaptive ceiling; the nanny's trim threshold would otherwise make it 128 KiB) come from the heap
+#: again (before CPU workers had settings of their own, a CPU forward ran 1.6x slower without).
 GPU_WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
 #: ``cluster.worker-malloc`` choices.
 WORKER_MALLOC: dict[str, dict[str, int]] = {"heap": CPU_WORKER_ENVIRON, "large-mmap": GPU_WORKER_ENVIRON, "dask": {}}
@@ -430,13 +431,16 @@ def dask_client(
     gpu_kwargs = {"gpu_ids": visible_gpu_ids()[: shape["gpus"]]} if shape["gpus"] else {}
     cluster_class = _gpu_local_cluster() if shape["gpus"] else LocalCluster
     environ = worker_environ(shape["gpus"])
-    spawn_config = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **environ}
-    # A nanny takes a variable already in this process's environment over its config, and copies
-    # its spawn environment into this process's: a cluster started before in this process (tests,
-    # benchmarks), or a MALLOC_TRIM_THRESHOLD_ inherited from a Dask worker, would decide the
-    # workers' malloc.  Ours are set here for the spawn, and what was there before is put back.
-    before = {k: os.environ.get(k) for k in spawn_config}
+    # Workers inherit this process's whole environment, and a nanny takes a variable already in it
+    # over its config (and copies its spawn environment into it, at start and at every worker
+    # restart): a cluster started before in this process (tests, benchmarks), or settings exported
+    # for workers of another cluster, would decide this cluster's malloc.  So, for the spawn, ours
+    # are set and the other choices' taken out; the whole environment is put back after the spawn
+    # and again after the cluster closes.
+    saved = dict(os.environ)
     try:
+        for key in set().union(*WORKER_MALLOC.values()) - set(environ):
+            os.environ.pop(key, None)
         os.environ.update({k: str(v) for k, v in environ.items()})
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}):
             cluster = cluster_class(
@@ -448,11 +452,7 @@ def dask_client(
                 dashboard_address=config.get("cluster.dashboard-address"),
             )
     finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_environ(saved)
     client = Client(cluster)
     logger.info(
         "LocalCluster: %d worker process(es) × %d thread(s)%s; dashboard %s",
@@ -464,6 +464,13 @@ def dask_client(
     finally:
         client.close()
         cluster.close()
+        _restore_environ(saved)
+
+
+def _restore_environ(saved: dict[str, str]) -> None:
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
 
 
 def visible_gpu_ids() -> list[str]:
@@ -545,7 +552,7 @@ def _warn_unless_cpu_workers_keep_their_heap(client: Any) -> None:
     in their environment, or their forwards page-fault every activation in afresh
     (:data:`CPU_WORKER_ENVIRON`), and nothing else would tell a user why a night's batch was slow.
     """
-    expected = {k: str(v) for k, v in worker_environ(0).items()}
+    expected = worker_environ(0)
     if not expected:
         return
 
@@ -554,15 +561,23 @@ def _warn_unless_cpu_workers_keep_their_heap(client: Any) -> None:
 
         return {k: os.environ.get(k) for k in expected}
 
+    def has_them(environ: dict[str, str | None]) -> bool:
+        # Each setting or one that does as well: the trim threshold at least ours, the others equal.
+        try:
+            return all(environ[k] is not None and (int(str(environ[k])) >= v if k == "MALLOC_TRIM_THRESHOLD_"
+                                                   else int(str(environ[k])) == v) for k, v in expected.items())
+        except ValueError:
+            return False
+
     try:
         seen = client.run(malloc_environ)
     except Exception:  # a worker going away mid-call: no reason to stop the batch  # noqa: BLE001
         return
-    lacking = sorted(address for address, environ in seen.items() if environ != expected)
+    lacking = sorted(address for address, environ in seen.items() if not has_them(environ))
     if lacking:
         settings = " ".join(f"{k}={v}" for k, v in expected.items())
         logger.warning("%d of %d CPU worker(s) (%s%s) run without %s: their forwards page-fault every "
-                       "activation in afresh, 10-45 %% slower; start workers with it (deploy/README.md)",
+                       "activation in afresh, inference 10-25 %% slower; start workers with it (deploy/README.md)",
                        len(lacking), len(seen), lacking[0], ", ..." if len(lacking) > 1 else "", settings)
 
 
