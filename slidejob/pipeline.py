@@ -1006,8 +1006,21 @@ def run_batch(
         raise
     if pool:
         pool.shutdown()
+    if client is not None and not gpu:
+        # CPU workers keep their forwards' heap for the next forward (CPU_WORKER_ENVIRON); between
+        # batches on a long-lived cluster that is ~0.25-0.33 GB a task thread held for nothing.
+        with contextlib.suppress(Exception):
+            client.run(trim_heap)
     export.write_report(out_dir)
     return BatchResult(out_dir=out_dir, outcomes=outcomes)
+
+
+def trim_heap() -> None:
+    """Hand this process's free heap back to the OS (glibc's ``malloc_trim``; elsewhere nothing)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _run_one(
