@@ -2,7 +2,7 @@
 
 From one run, same model, same precision and layout, same threads:
   * model-only limit: the U-Net's forward on in-memory 512² batches (MP/s), the better of this
-    process's default malloc and, in a fresh process, the CPU workers' (pipeline.CPU_WORKER_ENVIRON);
+    process's default malloc and, in a fresh process, the CPU workers' (pipeline.worker_environ);
   * halo bound: the same forward on the inputs a CPU forward takes (run.forward-chunks, 2x2 chunks:
     1136² with the 56-px halo), counting the kept pixels only, with the workers' malloc: the ceiling
     of inference in forwards of that shape with a halo, as a fraction of the limit;
@@ -48,7 +48,7 @@ import psutil
 from slidejob import config
 from slidejob.geometry import forward_shape, halo_for
 from slidejob.model import ModelCard, resolve_model_paths
-from slidejob.pipeline import CPU_WORKER_ENVIRON, dask_client, local_cluster_shape, run_batch
+from slidejob.pipeline import dask_client, local_cluster_shape, run_batch, worker_environ
 from slidejob.synthetic import write_slide
 
 
@@ -108,14 +108,21 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
 
 
 def model_limit_in_worker_env(card: Path | None, threads: int, **shape: object) -> dict:
-    """:func:`model_limit_mp_s` in a fresh process with the CPU workers' malloc settings, as their forwards run."""
-    env = {**os.environ, **{k: str(v) for k, v in CPU_WORKER_ENVIRON.items()}}
+    """:func:`model_limit_mp_s` in a fresh process with the CPU workers' malloc settings, as their forwards run.
+
+    The settings are those the embedded cluster gives its CPU workers (``cluster.worker-malloc``).
+    """
+    env = {**os.environ, **{k: str(v) for k, v in worker_environ(0).items()}}
     args = json.dumps({"card": str(card or ""), "threads": threads, **shape})
-    proc = subprocess.run([sys.executable, __file__, "--limit-child", args], env=env,
-                          capture_output=True, text=True, check=False)
+    return {**_child_json("--limit-child", args, env=env), "malloc": "workers'"}
+
+
+def _child_json(*args: str, env: dict[str, str] | None = None) -> dict:
+    """The JSON line this script prints last when run with ``args`` in a fresh process."""
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise RuntimeError(f"limit child failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "malloc": "workers'"}
+        raise RuntimeError(f"{args[0]} child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def limit_child(args: str) -> None:
@@ -253,11 +260,7 @@ def peak_memory_mb(slide: Path, out: Path, card: Path | None) -> float:
     Not in this one: its own limit measurements loaded torch and the model and ran
     forwards, hundreds of MB that a real run's client never holds.
     """
-    proc = subprocess.run(
-        [sys.executable, __file__, "--memory-child", str(slide), str(out), str(card or "")],
-        capture_output=True, text=True, check=True,
-    )
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+    return float(_child_json("--memory-child", str(slide), str(out), str(card or ""))["peak_mb"])
 
 
 def timed_run(slide: Path, out: Path, card: Path | None, **kwargs) -> tuple[float, dict]:
@@ -350,7 +353,7 @@ def main() -> None:
     # With GPU workers the CPU's forward is no limit of anything: the "gpu" section replaces it.
     cpu_limits = not shape["gpus"]
     # The limit is the better of this process's default malloc and the workers' settings
-    # (CPU_WORKER_ENVIRON, a fresh process); the halo bound is measured with the workers'.
+    # (pipeline.worker_environ, a fresh process); the halo bound is measured with the workers'.
     limits = [{**model_limit_mp_s(args.weights, threads), "malloc": "default"},
               model_limit_in_worker_env(args.weights, threads)] if cpu_limits else []
     # The same forward on the chunks one CPU forward covers (run.forward-chunks, 2x2) plus the default
