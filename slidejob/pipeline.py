@@ -563,11 +563,14 @@ def _warn_unless_cpu_workers_keep_their_heap(client: Any) -> None:
 
     def has_them(environ: dict[str, str | None]) -> bool:
         # Each setting or one that does as well: the trim threshold at least ours, the others equal.
-        try:
-            return all(environ[k] is not None and (int(str(environ[k])) >= v if k == "MALLOC_TRIM_THRESHOLD_"
-                                                   else int(str(environ[k])) == v) for k, v in expected.items())
-        except ValueError:
-            return False
+        for key, wanted in expected.items():
+            try:
+                value = int(environ.get(key) or "")
+            except ValueError:  # unset or not a number
+                return False
+            if value < wanted if key == "MALLOC_TRIM_THRESHOLD_" else value != wanted:
+                return False
+        return True
 
     try:
         seen = client.run(malloc_environ)
