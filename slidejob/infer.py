@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,12 +110,14 @@ def predict_windows(
     inputs: list[npt.NDArray[np.uint8]],
     batch_size: int,
     consume: Callable[[int, npt.NDArray[np.float32]], None],
-) -> None:
+) -> float:
     """Probabilities for each input, handed to ``consume(index, probabilities)`` as each batch comes back.
 
     Inputs of the same shape go through the model together.  Nothing is kept
     here: a task holds one batch's probabilities at a time, not its block's.
+    Returns the seconds spent in the model (``consume`` excluded).
     """
+    forward_s = 0.0
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, x in enumerate(inputs):
         by_shape.setdefault(x.shape, []).append(i)
@@ -123,9 +126,12 @@ def predict_windows(
             part = idx[s : s + batch_size]
             # One input (a GPU task's whole block) goes as a view: stacking would copy its ~14 MB.
             batch = inputs[part[0]][None] if len(part) == 1 else np.stack([inputs[i] for i in part])
+            t = time.perf_counter()
             probs = model.predict_proba(batch)
+            forward_s += time.perf_counter() - t
             for i, p in zip(part, probs):
                 consume(i, p)
+    return forward_s
 
 
 @dataclass
@@ -145,6 +151,16 @@ class BlockResult:
     #: how the model ran (:func:`runtime_of`): "auto" is resolved per worker, and the
     #: manifest records what each resolved to
     runtime: dict[str, Any] = field(default_factory=dict)
+    #: seconds this task spent in each stage (:data:`TASK_STAGES`), summed into the manifest
+    stage_s: dict[str, float] = field(default_factory=dict)
+
+
+#: The stages of an inference task, in order: where a worker thread's time goes.  "read" reads and
+#: reflect-pads the block; "forward" is the model's, waiting for the device included (a GPU's forwards
+#: take turns); "place" thresholds each forward's centre and clips it off glass; "lesions" labels the
+#: block's mask and removes small lesions; "write" writes the mask (and probability) chunks and reduces
+#: them for the statistics; "outlines" traces the block's lesions; "levels" writes its pyramid levels.
+TASK_STAGES = ("read", "forward", "place", "lesions", "write", "outlines", "levels")
 
 
 def runtime_of(model: Any) -> dict[str, Any]:
@@ -204,6 +220,8 @@ def infer_blocks(
     died) rewrites the same bytes and returns the same result.
     """
     model = get_model(spec)
+    stage_s = dict.fromkeys(TASK_STAGES, 0.0)
+    t = time.perf_counter()
     image = ChunkWriter(Path(tiles_path) / chunkstore.LEVEL0)
     shape = (int(image.shape[0]), int(image.shape[1]))
     jobs: list[tuple[int, geometry.Window, npt.NDArray[np.uint8]]] = []
@@ -225,6 +243,7 @@ def infer_blocks(
     ]
     masks = [np.zeros(hw, np.uint8) for hw in shapes]
     probs8 = [np.zeros(hw, np.uint8) for hw in shapes] if prob_writer is not None else None
+    stage_s["read"] = time.perf_counter() - t
 
     def place(i: int, p: npt.NDArray[np.float32]) -> None:
         # Keep the window's centre: thresholded (and clipped off glass) into the block's mask canvas.
@@ -240,16 +259,20 @@ def infer_blocks(
         if probs8 is not None:
             probs8[b][kept_rows, kept_cols] = np.round(kept * 255).astype(np.uint8)
 
-    predict_windows(model, [x for _, _, x in jobs], batch_size, place)
+    t = time.perf_counter()
+    stage_s["forward"] = predict_windows(model, [x for _, _, x in jobs], batch_size, place)
+    stage_s["place"] = time.perf_counter() - t - stage_s["forward"]
     partials: list[stats.ChunkPartial] = []
     outlines: dict[int, str] = {}
     small_removed = 0
     for b, (rects, bound) in enumerate(zip(blocks, bounds)):
         by, bx = bound[0] * CHUNK_PX, bound[1] * CHUNK_PX
+        t = time.perf_counter()
         # One labelling of the block serves the small-lesion removal and the outlines.
         labelled = stats.label_components(masks[b])
         removed = stats.remove_small_interior(masks[b], min_area_px, labelled=labelled)
         small_removed += int(removed.sum())
+        t = _lap(stage_s, "lesions", t)
         for r0, c0, r1, c1 in rects:
             for r in range(r0, r1):
                 for c in range(c0, c1):
@@ -260,13 +283,23 @@ def infer_blocks(
                     if prob_writer is not None and probs8 is not None:
                         prob_writer.write((r, c), probs8[b][rows, cols])
                     partials.append(stats.partial_from_array(chunk, r * CHUNK_PX, c * CHUNK_PX))
+        t = _lap(stage_s, "write", t)
         outlines.update(outline.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1],
                                                   labelled=labelled, removed=removed))
+        t = _lap(stage_s, "outlines", t)
         if pyramid_levels:
             _write_block_levels(mask_path, masks[b], bound, shape, pyramid_levels, "max")
             if prob_path is not None and probs8 is not None:
                 _write_block_levels(prob_path, probs8[b], bound, shape, pyramid_levels, "mean")
-    return BlockResult(len(partials), partials, outlines, small_removed, runtime_of(model))
+        _lap(stage_s, "levels", t)
+    return BlockResult(len(partials), partials, outlines, small_removed, runtime_of(model), stage_s)
+
+
+def _lap(stage_s: dict[str, float], stage: str, since: float) -> float:
+    """Add the seconds since ``since`` to ``stage``; returns now, the next stage's start."""
+    now = time.perf_counter()
+    stage_s[stage] += now - since
+    return now
 
 
 def _write_block_levels(

@@ -1152,7 +1152,15 @@ def _run_one(
             timings["infer"] = time.perf_counter() - t
             # What "auto" became on the workers that ran this slide (one entry per distinct setup).
             runtimes = {tuple(sorted(r.runtime.items())) for r in results if r.runtime}
-            manifest["inference"] = {"runtimes": [dict(r) for r in sorted(runtimes)]}
+            manifest["inference"] = {
+                "runtimes": [dict(r) for r in sorted(runtimes)],
+                "tasks": len(results),
+                # Worker-thread seconds by stage, summed over the tasks: with the "infer" wall time and
+                # the task threads they say whether the model, the reading or the work around it held
+                # the stage (on a GPU the forwards take turns, so "forward" includes the wait).
+                "task_stage_s": {k: round(sum(r.stage_s.get(k, 0.0) for r in results), 3)
+                                 for k in infer.TASK_STAGES},
+            }
             if gpu and spec.device == "auto" and any(r["device"] == "cpu" for r in manifest["inference"]["runtimes"]):
                 # A worker declaring a GPU that CUDA does not show it (a wrong CUDA_VISIBLE_DEVICES, a
                 # CPU build of torch) infers on its CPU: right masks, a night's batch many times slower.

@@ -183,6 +183,13 @@ def test_manifest_and_ome_zarr_open_without_slidejob(tiny_model: Path, all_tissu
     assert {"threshold", "precision", "halo_px", "block_chunks"} <= set(manifest["parameters"])
     assert {"slidejob", "torch", "dask", "zarr", "tifffile"} <= set(manifest["versions"])
     assert {"tissue", "tile", "infer", "pyramid", "statistics", "total"} <= set(manifest["timings_s"])
+    # Where the inference tasks' thread time went, stage by stage: every stage ran, and no more thread
+    # time than the stage's wall time on all the workers' threads.
+    inference = manifest["inference"]
+    assert inference["tasks"] >= 1 and list(inference["task_stage_s"]) == list(infer.TASK_STAGES)
+    assert inference["task_stage_s"]["forward"] > 0 and inference["task_stage_s"]["read"] > 0
+    assert all(v >= 0 for v in inference["task_stage_s"].values())
+    assert sum(inference["task_stage_s"].values()) <= manifest["timings_s"]["infer"] * 2 * os.cpu_count()
     # Statistics, pictures and the summary database are written beside the mask.
     for name in ("stats.json", "overlay.png", "lesions.geojson"):
         assert (outcome.out_dir / name).stat().st_size > 0, name
