@@ -263,7 +263,8 @@ Exit status: 0 when every slide succeeded, 1 when any failed (the others still r
 @click.option("--scheduler-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Scheduler file of an existing Dask cluster.")
 @click.option("--cluster-workers", "n_workers", type=click.IntRange(1, 256), default=None,
-              help="Embedded LocalCluster: worker processes (default: one per GPU, else one per 8 cores).")
+              help="Embedded LocalCluster: worker processes (default: up to 4 per GPU, one per 4 of its cores, "
+                   "sharing it; else one per 8 cores).")
 @click.option("--cluster-threads", "threads_per_worker", type=click.IntRange(1, 256), default=None,
               help="Embedded LocalCluster: threads per worker.")
 @one_line_errors
