@@ -284,44 +284,54 @@ def timed_batch(slides: list[Path], out: Path, card: Path | None, in_flight: int
     return time.perf_counter() - t0
 
 
-def warm_up(workdir: Path, card: Path | None) -> None:
-    """One small slide first: workers import torch and load the model once per batch, not per slide."""
-    slide = make_slide(workdir, 1024, "all")
+def warm_up(workdir: Path, card: Path | None, *, gpu: bool = False) -> None:
+    """One small slide first: workers import torch and load the model once per batch, not per slide.
+
+    With GPUs, a slide of 16 blocks, so that every one of several workers per GPU starts CUDA now.
+    """
+    slide = make_slide(workdir, 4096 if gpu else 1024, "all")
     run_batch([slide], workdir / "warm-out", weights=card, force=True)
 
 
-def gpu_sweep(slide: Path, out: Path, card: Path | None, configs: list[tuple[tuple[int, ...], str]]) -> list[dict]:
+def gpu_sweep(slide: Path, out: Path, card: Path | None,
+              configs: list[tuple[tuple[int, ...], dict[str, str]]]) -> list[dict]:
     """All-tissue runs on GPU workers of other shapes, a fresh cluster each.
 
     A config is (threads per worker, blocks per task) or (workers per GPU, threads per worker,
-    blocks per task), with the workers' ``cluster.worker-malloc`` ("auto" unless given).  The defaults (one worker per GPU, ``cluster.threads-per-worker`` a core
-    less than its share, ``run.blocks-per-task-gpu`` 1) showed no end-to-end gain over 4 × 4 on
-    the one GPU measured (README).  Several worker processes per GPU is the alternative to try:
-    the CPU work around each forward holds the GIL ~10 % of its time (py-spy, one thread), so
-    one process's 15 task threads ask for more GIL than there is.
+    blocks per task), with options: ``malloc`` (``cluster.worker-malloc``, "auto" unless given),
+    ``block`` (``run.block-chunks``), ``batch`` (``run.batch-size-gpu``).  Each row carries the
+    manifest's ``task_stage_s``.  On an H200 with 16 cores, 4 processes of 3-4 threads ran
+    1.3-1.6x the tiles/s of one of 15 (README, GPU figures): hence ``cluster.workers-per-gpu``.
     """
     import dask.config
 
     rows = []
-    for config_, malloc in configs:
+    for config_, options in configs:
         per_gpu, threads, blocks = config_ if len(config_) == 3 else (1, *config_)
         n_gpus = local_cluster_shape()["gpus"] or 1
-        with dask.config.set({"slidejob.cluster.threads-per-worker": threads,
-                              "slidejob.cluster.n-workers": per_gpu * n_gpus,
-                              "slidejob.run.blocks-per-task-gpu": blocks,
-                              "slidejob.cluster.worker-malloc": malloc}):
+        malloc = options.get("malloc", "auto")
+        settings = {"slidejob.cluster.threads-per-worker": threads,
+                    "slidejob.cluster.n-workers": per_gpu * n_gpus,
+                    "slidejob.run.blocks-per-task-gpu": blocks,
+                    "slidejob.cluster.worker-malloc": malloc}
+        if "block" in options:
+            settings["slidejob.run.block-chunks"] = int(options["block"])
+        if "batch" in options:
+            settings["slidejob.run.batch-size-gpu"] = int(options["batch"])
+        with dask.config.set(settings):
             shape = local_cluster_shape()
             with dask_client() as client:
                 client.wait_for_workers(shape["n_workers"])
-                warm_up(out.parent, card)
+                warm_up(out.parent, card, gpu=True)
                 with GpuBusy() as busy:
                     runs = [timed_run(slide, out, card) for _ in range(2)]
         seconds, manifest = min(runs, key=lambda r: r[0])
         rows.append({"workers_per_gpu": per_gpu, "threads_per_worker": threads, "blocks_per_task": blocks,
-                     "worker_malloc": malloc,
+                     "options": options, "worker_malloc": malloc,
                      "runs_s": [round(r[0], 2) for r in runs],
                      "tiles_s": round(manifest["tissue"]["n_tissue_chunks"] / seconds, 1),
-                     "busy_fraction": busy.fraction, "timings_s": manifest["timings_s"]})
+                     "busy_fraction": busy.fraction, "timings_s": manifest["timings_s"],
+                     "inference": {k: v for k, v in manifest["inference"].items() if k != "runtimes"}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -335,7 +345,9 @@ def main() -> None:
     ap.add_argument("--gpu-sweep", default="",
                     help="with GPUs: also time the all-tissue slide for these THREADSxBLOCKS (threads per worker, "
                          "blocks per task) or WORKERSxTHREADSxBLOCKS (worker processes per GPU first), each "
-                         "optionally with :MALLOC (cluster.worker-malloc), e.g. 4x1,15x4,4x3x1,1x15x1:heap")
+                         "optionally with :MALLOC (cluster.worker-malloc) and :block=N (run.block-chunks), :batch=N "
+                         "(run.batch-size-gpu), "
+                         "e.g. 4x1,15x4,4x3x1,1x15x1:heap,1x15x1:block=2")
     ap.add_argument("--memory-child", nargs=3, metavar=("SLIDE", "OUT", "CARD"), help=argparse.SUPPRESS)
     ap.add_argument("--limit-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -369,7 +381,7 @@ def main() -> None:
     out = args.workdir / "run-out"
     with dask_client() as client:
         client.wait_for_workers(shape["n_workers"])
-        warm_up(args.workdir, args.weights)
+        warm_up(args.workdir, args.weights, gpu=bool(shape["gpus"]))
         with GpuBusy() if shape["gpus"] else contextlib.nullcontext() as busy:
             all_runs = [timed_run(all_slide, out, args.weights) for _ in range(2)]
         half_runs = [
@@ -400,7 +412,8 @@ def main() -> None:
     timings_all = manifest_all["timings_s"]
     mp = side * side / 1e6
     figures["all_tissue"] = {"seconds": round(t_all, 1), "runs_s": [round(r[0], 1) for r in all_runs],
-                             "mp_s": round(mp / t_all, 3), "timings_s": timings_all}
+                             "mp_s": round(mp / t_all, 3), "timings_s": timings_all,
+                             "inference": {k: v for k, v in manifest_all["inference"].items() if k != "runtimes"}}
     if cpu_limits:
         limits.append(model_limit_in_worker_env(args.weights, threads))
         halo_bounds.append(model_limit_in_worker_env(args.weights, threads, **halo_shape))
@@ -432,8 +445,10 @@ def main() -> None:
         if args.gpu_sweep:
             configs = []
             for c in args.gpu_sweep.split(","):
-                shape_, _, malloc = c.partition(":")
-                configs.append((tuple(int(v) for v in shape_.split("x")), malloc or "auto"))
+                shape_, *opts = c.split(":")
+                # ":heap" is short for ":malloc=heap"
+                options = dict(o.split("=", 1) if "=" in o else ("malloc", o) for o in opts)
+                configs.append((tuple(int(v) for v in shape_.split("x")), options))
             figures["gpu"]["sweep"] = gpu_sweep(all_slide, out, args.weights, configs)
     t_half = min(h for h, _ in half_pairs)
     t_half_noskip = min(n for _, n in half_pairs)
