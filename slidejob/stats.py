@@ -678,14 +678,20 @@ def remove_small_interior(
     if min_area_px <= 1 or n == 0:
         return removed
     # Over the called pixels only (a few % of a block): counting and clearing over the whole
-    # label image took ~30 ms of a 2048² block's ~50.
-    called = np.flatnonzero(mask)
+    # label image took ~30 ms of a 2048² block's ~50.  A 0/1 uint8 mask is searched as bool (2.6x
+    # faster: 3.0 against 7.8 ms on a 2048² block with 13 % called) and cleared by flat index
+    # (unravelling the indices first took 12 of the 15 ms of clearing 3,337 specks).
+    flat = mask.reshape(-1)  # a view of a C-contiguous mask, else a copy
+    called = np.flatnonzero(flat.view(np.bool_) if flat.dtype == np.uint8 and flat.max() <= 1 else flat)
     lab = labels.reshape(-1)[called]
     removed[:] = np.bincount(lab, minlength=n + 1) < min_area_px
     removed &= ~on_border(labels, n)
     removed[0] = False
     if removed.any():
-        mask[np.unravel_index(called[removed[lab]], mask.shape)] = 0
+        if mask.flags.c_contiguous:
+            flat[called[removed[lab]]] = 0
+        else:
+            mask[np.unravel_index(called[removed[lab]], mask.shape)] = 0
     return removed
 
 

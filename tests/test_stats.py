@@ -310,3 +310,23 @@ def test_small_lesions_removed_by_blocks_then_merge_equal_removing_them_from_the
     assert kept == fresh
     assert [les.lesion_id for les in kept.lesions] == list(range(1, kept.lesion_count + 1))
     assert min(les.area_px for les in kept.lesions) >= min_px
+
+
+def test_remove_small_interior_is_the_same_for_any_layout_and_call_value() -> None:
+    # The 0/1 contiguous block of an inference task takes the fast path (a bool view, flat clearing);
+    # a strided view or a 0/255 mask the general one; all must clear the same pixels.
+    rng = np.random.default_rng(3)
+    mask = (ndimage.uniform_filter(rng.random((300, 400)), 5) > 0.53).astype(np.uint8)
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel())
+    expected = mask.copy()
+    stats.remove_small_interior(expected, 25)
+    assert 0 < int(expected.sum()) < int(mask.sum()) and (sizes[1:] < 25).sum() > 10
+    scaled = mask * np.uint8(255)
+    stats.remove_small_interior(scaled, 25)
+    np.testing.assert_array_equal(scaled, expected * 255)
+    wide = np.zeros((300, 800), np.uint8)
+    wide[:, ::2] = mask
+    strided = wide[:, ::2]
+    stats.remove_small_interior(strided, 25)
+    np.testing.assert_array_equal(strided, expected)
