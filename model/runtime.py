@@ -208,8 +208,9 @@ class LoadedModel:
             )
         # On a GPU, threads of one process (a worker's task threads) take turns: their kernels would
         # queue on the device's one default stream anyway, and one batch's activations at a time
-        # bound the GPU memory whatever the number of threads.  Their CPU work (reading, thresholding,
-        # writing) runs outside and overlaps.  CPU forwards run side by side.
+        # bound the process's GPU memory whatever its number of threads (several worker processes
+        # sharing a GPU each hold their own).  Their CPU work (reading, thresholding, writing) runs
+        # outside and overlaps.  CPU forwards run side by side.
         with _device_turn(self.device), torch.inference_mode():
             x = prepare_batch(
                 batch, self._scale, self._shift, device=self.device, channels_last=self.channels_last

@@ -155,12 +155,14 @@ class BlockResult:
     stage_s: dict[str, float] = field(default_factory=dict)
 
 
-#: The stages of an inference task, in order: where a worker thread's time goes.  "read" reads and
+#: The stages of an inference task, in order: where a worker thread's time goes.  "model" gets the
+#: process's model (loading it, and starting CUDA, in a worker's first task only); "read" reads and
 #: reflect-pads the block; "forward" is the model's, waiting for the device included (a GPU's forwards
-#: take turns); "place" thresholds each forward's centre and clips it off glass; "lesions" labels the
-#: block's mask and removes small lesions; "write" writes the mask (and probability) chunks and reduces
-#: them for the statistics; "outlines" traces the block's lesions; "levels" writes its pyramid levels.
-TASK_STAGES = ("read", "forward", "place", "lesions", "write", "outlines", "levels")
+#: take turns); "place" batches the forwards' inputs, thresholds each forward's centre and clips it
+#: off glass; "lesions" labels the block's mask and removes small lesions; "write" writes the mask
+#: (and probability) chunks and reduces them for the statistics; "outlines" traces the block's
+#: lesions; "levels" writes its pyramid levels.
+TASK_STAGES = ("model", "read", "forward", "place", "lesions", "write", "outlines", "levels")
 
 
 def runtime_of(model: Any) -> dict[str, Any]:
@@ -219,9 +221,10 @@ def infer_blocks(
     Each chunk is written by exactly one task, so a retried task (a worker
     died) rewrites the same bytes and returns the same result.
     """
-    model = get_model(spec)
     stage_s = dict.fromkeys(TASK_STAGES, 0.0)
     t = time.perf_counter()
+    model = get_model(spec)
+    t = _lap(stage_s, "model", t)
     image = ChunkWriter(Path(tiles_path) / chunkstore.LEVEL0)
     shape = (int(image.shape[0]), int(image.shape[1]))
     jobs: list[tuple[int, geometry.Window, npt.NDArray[np.uint8]]] = []
@@ -243,7 +246,7 @@ def infer_blocks(
     ]
     masks = [np.zeros(hw, np.uint8) for hw in shapes]
     probs8 = [np.zeros(hw, np.uint8) for hw in shapes] if prob_writer is not None else None
-    stage_s["read"] = time.perf_counter() - t
+    _lap(stage_s, "read", t)
 
     def place(i: int, p: npt.NDArray[np.float32]) -> None:
         # Keep the window's centre: thresholded (and clipped off glass) into the block's mask canvas.

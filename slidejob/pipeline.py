@@ -362,23 +362,48 @@ def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | 
 
 
 def workers_per_gpu(cores: int, n_gpus: int) -> int:
-    """``cluster.workers-per-gpu``; ``auto`` is one worker process per 4 cores of a GPU's share, 1 to 4.
+    """Worker processes per GPU for the embedded cluster: ``cluster.workers-per-gpu``.
 
-    On an H200 with 16 cores (8192² all-tissue slide, bench_run's GPU sweep), one process of 15 task
-    threads ran 167 tiles/s, four processes of 4 threads 273: the same tasks spent 2.0 thread-seconds
-    reading their blocks in the one process and 0.56 in four (its tiling too, 0.42 against 0.14 s).
-    The model is loaded once per process, and processes sharing a GPU take turns on it.
+    Parameters
+    ----------
+    cores
+        Cores this process may use.
+    n_gpus
+        GPUs it may use (at least 1).
+
+    Returns
+    -------
+    int
+        The configured count, or for ``auto`` one process per 4 cores of a GPU's share, 1 to 4.
+
+    Raises
+    ------
+    ValueError
+        The setting is neither ``auto`` nor a whole number ≥ 1.
+
+    On an H200 with 16 cores (8192² all-tissue slide, bench_run), the default 4 processes × 3
+    task threads ran 216 tiles/s where one process of 15 threads ran 148 in the same call: in the
+    one process the tasks spent 2.0-2.3 thread-seconds reading their blocks, in four 0.65 (its
+    tiling too, 0.45 against 0.23 s).  The model is loaded once per process; each process has its
+    own CUDA context, model and activations on the GPU, so GPU memory grows with the count
+    (``workers-per-gpu: 1`` on a small card).
 
     >>> workers_per_gpu(16, 1), workers_per_gpu(64, 8), workers_per_gpu(4, 1), workers_per_gpu(128, 1)
     (4, 2, 1, 4)
     >>> with dask.config.set({"slidejob.cluster.workers-per-gpu": 1}):
     ...     workers_per_gpu(16, 1)
     1
+    >>> with dask.config.set({"slidejob.cluster.workers-per-gpu": 0}):
+    ...     workers_per_gpu(16, 1)
+    Traceback (most recent call last):
+    ValueError: cluster.workers-per-gpu must be auto or a whole number >= 1, got 0
     """
     choice = config.get("cluster.workers-per-gpu")
-    if choice not in (None, "auto"):
-        return max(1, int(choice))
-    return max(1, min(4, cores // n_gpus // 4))
+    if choice in (None, "auto"):
+        return max(1, min(4, cores // n_gpus // 4))
+    if isinstance(choice, bool) or not (isinstance(choice, int) or str(choice).isdigit()) or int(choice) < 1:
+        raise ValueError(f"cluster.workers-per-gpu must be auto or a whole number >= 1, got {choice!r}")
+    return int(choice)
 
 
 #: Environment of CPU worker processes, on top of Dask's own (their malloc; glibc reads it at start).
@@ -498,9 +523,10 @@ def _restore_environ(saved: dict[str, str]) -> None:
 def visible_gpu_ids() -> list[str]:
     """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (a scheduler's allocation first).
 
-    >>> import os; os.environ["CUDA_VISIBLE_DEVICES"] = "2, 3"; visible_gpu_ids()
+    >>> import os; saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    >>> os.environ["CUDA_VISIBLE_DEVICES"] = "2, 3"; visible_gpu_ids()
     ['2', '3']
-    >>> del os.environ["CUDA_VISIBLE_DEVICES"]
+    >>> _ = os.environ.pop("CUDA_VISIBLE_DEVICES") if saved is None else os.environ.update(CUDA_VISIBLE_DEVICES=saved)
     """
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     if given is not None:
