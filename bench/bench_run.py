@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -284,12 +285,15 @@ def timed_batch(slides: list[Path], out: Path, card: Path | None, in_flight: int
     return time.perf_counter() - t0
 
 
-def warm_up(workdir: Path, card: Path | None, *, gpu: bool = False) -> None:
+def warm_up(workdir: Path, card: Path | None, *, threads: int = 1) -> None:
     """One small slide first: workers import torch and load the model once per batch, not per slide.
 
-    With GPUs, a slide of 16 blocks, so that every one of several workers per GPU starts CUDA now.
+    With GPU workers (several to a GPU), a slide of at least as many 4×4-chunk blocks (one task
+    each) as the cluster has task threads, so that every worker starts CUDA and loads its model
+    now, not in the first timed run.
     """
-    slide = make_slide(workdir, 4096 if gpu else 1024, "all")
+    side = 1024 if threads <= 1 else 2048 * math.ceil(math.sqrt(threads))
+    slide = make_slide(workdir, side, "all")
     run_batch([slide], workdir / "warm-out", weights=card, force=True)
 
 
@@ -322,7 +326,7 @@ def gpu_sweep(slide: Path, out: Path, card: Path | None,
             shape = local_cluster_shape()
             with dask_client() as client:
                 client.wait_for_workers(shape["n_workers"])
-                warm_up(out.parent, card, gpu=True)
+                warm_up(out.parent, card, threads=shape["n_workers"] * shape["threads_per_worker"])
                 with GpuBusy() as busy:
                     runs = [timed_run(slide, out, card) for _ in range(2)]
         seconds, manifest = min(runs, key=lambda r: r[0])
@@ -381,7 +385,7 @@ def main() -> None:
     out = args.workdir / "run-out"
     with dask_client() as client:
         client.wait_for_workers(shape["n_workers"])
-        warm_up(args.workdir, args.weights, gpu=bool(shape["gpus"]))
+        warm_up(args.workdir, args.weights, threads=threads if shape["gpus"] else 1)
         with GpuBusy() if shape["gpus"] else contextlib.nullcontext() as busy:
             all_runs = [timed_run(all_slide, out, args.weights) for _ in range(2)]
         half_runs = [
@@ -447,7 +451,9 @@ def main() -> None:
             for c in args.gpu_sweep.split(","):
                 shape_, *opts = c.split(":")
                 # ":heap" is short for ":malloc=heap"
-                options = dict(o.split("=", 1) if "=" in o else ("malloc", o) for o in opts)
+                options = dict(o.split("=", 1) if "=" in o else ("malloc", o) for o in opts if o)
+                if set(options) - {"malloc", "block", "batch"}:
+                    ap.error(f"--gpu-sweep {c}: options are malloc, block and batch, got {', '.join(options)}")
                 configs.append((tuple(int(v) for v in shape_.split("x")), options))
             figures["gpu"]["sweep"] = gpu_sweep(all_slide, out, args.weights, configs)
     t_half = min(h for h, _ in half_pairs)
