@@ -147,6 +147,41 @@ def _ome_mpp(xml: str) -> tuple[float | None, str]:
     return float(attrs["PhysicalSizeX"]) * _OME_UNIT_TO_UM[unit], "ome:PhysicalSizeX"
 
 
+#: Channel names that are dyes or fluorescent proteins, not colours of a brightfield camera.
+_FLUOROPHORE = re.compile(
+    r"(?<![a-z0-9])(dapi|hoechst|fitc|tritc|texas ?red|cy[2357](\.5)?|e?[gycr]fp|mcherry|tdtomato|"
+    r"alexa|af ?\d{3}|opal|atto|dylight|sytox|propidium)(?![a-z])",
+    re.IGNORECASE,
+)
+
+
+def _ome_fluorescence(xml: str) -> str | None:
+    """Why an OME-XML describes a fluorescence image (its channels' light path or names), or None.
+
+    A brightfield RGB scan has one channel of 3 samples (or red, green, blue);
+    fluorescence has excitation and emission wavelengths, a fluor, an
+    epifluorescence light path, or channels named after dyes.  Three such
+    channels would otherwise read as an RGB slide.
+
+    >>> _ome_fluorescence('<Channel ID="Channel:0" SamplesPerPixel="3"/>') is None
+    True
+    >>> _ome_fluorescence('<Channel ID="c0" Name="DAPI" SamplesPerPixel="1"/>')
+    "channel 'DAPI'"
+    >>> _ome_fluorescence('<ome:Channel ID="c0" EmissionWavelength="461"/>')
+    'channel EmissionWavelength'
+    """
+    for tag in re.findall(r"<(?:\w+:)?Channel\b[^>]*>", xml):
+        attrs = dict(re.findall(r'(\w+)="([^"]*)"', tag))
+        if attrs.get("IlluminationType") == "Epifluorescence" or attrs.get("ContrastMethod") == "Fluorescence":
+            return f"channel {'IlluminationType' if 'IlluminationType' in attrs else 'ContrastMethod'}"
+        for key in ("EmissionWavelength", "ExcitationWavelength", "Fluor"):
+            if key in attrs:
+                return f"channel {key}"
+        if _FLUOROPHORE.search(attrs.get("Name", "")):
+            return f"channel {attrs['Name']!r}"
+    return None
+
+
 def _tiff_resolution_mpp(page: tifffile.TiffPage) -> tuple[float | None, str]:
     tags = page.tags
     if "XResolution" not in tags:
@@ -317,6 +352,8 @@ class SlideReader:
         page0 = series.keyframe
         fluorescence = False
         if tif.is_ndpi and "Fluorescence" in (page0.ndpi_tags or {}):
+            fluorescence = True
+        if tif.is_ome and _ome_fluorescence(tif.ome_metadata or ""):
             fluorescence = True
         if dtype != np.uint8:
             raise UnsupportedSlide(

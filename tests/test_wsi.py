@@ -36,6 +36,7 @@ def test_real_slide_metadata(real_slides: Path, name: str) -> None:
         region = reader.read_region(0, 0, min(h, 300), min(w, 200))
         assert region.shape == (min(h, 300), min(w, 200), 3) and region.dtype == np.uint8
         assert region.std() > 0  # real content, not a fill value
+        assert info.fluorescence == name.startswith("ndpi/")  # the DAPI scan; the OME files are brightfield
 
 
 def test_ndpi_pyramid_levels_agree(real_slides: Path) -> None:
@@ -204,6 +205,29 @@ def test_planar_rgb_is_interleaved(tmp_path: Path) -> None:
     with open_slide(p) as reader:
         assert (reader.info.height_px, reader.info.width_px) == (40, 48)
         np.testing.assert_array_equal(reader.read_region(0, 0, 40, 48), np.moveaxis(img, 0, -1))
+
+
+@pytest.mark.parametrize(
+    ("channel", "fluorescence"),
+    [
+        ({"Name": ["DAPI", "FITC", "TRITC"]}, True),
+        ({"Name": ["AF488", "Cy5", "mCherry"]}, True),
+        ({"EmissionWavelength": [461.0, 519.0, 576.0]}, True),
+        ({"Name": ["Red", "Green", "Blue"]}, False),
+        ({}, False),
+    ],
+)
+def test_ome_three_channel_fluorescence_is_told_from_planar_rgb(
+    tmp_path: Path, channel: dict, fluorescence: bool
+) -> None:
+    # Three fluorescence channels stored as planes read exactly like planar RGB; only the OME
+    # channels' light path or dye names tell them apart, and `run` refuses fluorescence.
+    p = tmp_path / "three.ome.tif"
+    img = np.random.default_rng(0).integers(0, 255, (3, 64, 80), dtype=np.uint8)
+    tifffile.imwrite(p, img, ome=True, tile=(32, 32), metadata={"axes": "CYX", "Channel": channel})
+    with open_slide(p) as reader:
+        assert reader.info.fluorescence == fluorescence
+        np.testing.assert_array_equal(reader.read_region(0, 0, 64, 80), np.moveaxis(img, 0, -1))
 
 
 @pytest.mark.parametrize(
