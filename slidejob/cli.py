@@ -294,6 +294,7 @@ def run(
 ) -> None:
     """Find cancer in slides: tile, infer on Dask workers, write stitched masks."""
     from slidejob.pipeline import dask_client, run_batch
+    from slidejob.wsi import find_slides
 
     if scheduler and scheduler_file:
         raise click.UsageError("give --scheduler or --scheduler-file, not both")
@@ -301,6 +302,7 @@ def run(
         raise click.UsageError("--cluster-workers/--cluster-threads shape the embedded cluster; not with --scheduler")
     if halo_px is not None and halo_px % 8:
         raise click.UsageError(f"--halo-px must be a multiple of 8, got {halo_px}")
+    find_slides(list(inputs))  # a mistyped directory fails now, not after a cluster has started
     with dask_client(scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers,
                      threads_per_worker=threads_per_worker) as client:
         click.echo(f"dashboard: {client.dashboard_link}", err=True)

@@ -960,6 +960,7 @@ def run_batch(
     from slidejob.model import ModelCard, resolve_model_paths
 
     out_dir = Path(out_dir)
+    slides = wsi.find_slides(list(inputs))  # inputs without any slide fail here, before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     if weights is not None and Path(weights).suffix.lower() == ".json":
         card_path, weights_path = resolve_model_paths(Path(weights), None)
@@ -1009,7 +1010,6 @@ def run_batch(
         task_threads = 1
     else:
         task_threads = sum(client.nthreads().values()) if client is not None else CPU_COUNT
-    slides = wsi.find_slides(list(inputs))
     # Without a cluster, dask.compute runs on a thread pool of its own per call: slides one by one.
     in_flight = max(1, int(config.get("run.slides-in-flight", slides_in_flight))) if client is not None else 1
     in_flight = min(in_flight, len(slides)) or 1

@@ -509,15 +509,26 @@ def cached_reader(path: str, mpp_um: float | None = None) -> SlideReader:
 
 
 def find_slides(inputs: list[Path]) -> list[Path]:
-    """Expand files and directories (recursively, by :data:`SLIDE_SUFFIXES`) into a sorted list of slides."""
+    """Expand files and directories (recursively, by :data:`SLIDE_SUFFIXES`) into a sorted list of slides.
+
+    A file is taken as given (a missing one fails as its slide, the others go on).  A directory
+    without slide files is logged; when nothing at all is found the inputs were wrong, and a
+    :class:`SlideNotFound` says so, rather than a batch of nothing that looks like success.
+    """
     found: list[Path] = []
+    empty: list[Path] = []
     for p in inputs:
         if p.is_dir():
-            found.extend(
-                sorted(q for q in p.rglob("*") if q.is_file() and q.name.lower().endswith(SLIDE_SUFFIXES))
-            )
+            inside = sorted(q for q in p.rglob("*") if q.is_file() and q.name.lower().endswith(SLIDE_SUFFIXES))
+            if not inside:
+                empty.append(p)
+                logger.warning("%s: no slide files in this directory (%s, recursively)", p, " ".join(SLIDE_SUFFIXES))
+            found.extend(inside)
         else:
             found.append(p)
+    if not found and empty:
+        raise SlideNotFound(f"{', '.join(map(str, empty))}: no slide files found "
+                            f"(looked for {' '.join(SLIDE_SUFFIXES)}, recursively)")
     seen: set[Path] = set()
     unique = []
     for p in found:

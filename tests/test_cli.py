@@ -70,6 +70,19 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path: Path, kind: str) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
 
 
+def test_run_on_a_directory_without_slides_is_bad_input(tmp_path: Path) -> None:
+    # A mistyped scan directory must not end as "0 of 0 slide(s) done" with status 0.
+    (tmp_path / "scans" / "2026").mkdir(parents=True)
+    (tmp_path / "scans" / "2026" / "notes.txt").write_text("no slides here")
+    proc = run_cli("run", str(tmp_path / "scans"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"slidejob: error: {tmp_path / 'scans'}: no slide files found "
+        "(looked for .svs .ndpi .tif .tiff .btf .scn .bif, recursively)"
+    )
+    assert not (tmp_path / "out").exists()  # failed before a cluster started or anything was written
+
+
 def test_existing_output_exit_status(tmp_path: Path) -> None:
     slide = write_slide(tmp_path / "s.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
     (tmp_path / "s.zarr").mkdir()

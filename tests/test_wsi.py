@@ -298,3 +298,10 @@ def test_find_slides_recurses_and_dedupes(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     found = find_slides([tmp_path, tmp_path / "a" / "x.svs"])
     assert [p.name for p in found] == ["y.ndpi", "z.ome.tif", "x.svs"]
+    # A directory without slides: fine beside others, an error on its own (a mistyped path
+    # must not look like a finished batch).
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_bytes(b"x")
+    assert [p.name for p in find_slides([tmp_path / "empty", tmp_path / "a" / "x.svs"])] == ["x.svs"]
+    with pytest.raises(SlideNotFound, match=r"empty: no slide files found \(looked for \.svs"):
+        find_slides([tmp_path / "empty"])
