@@ -228,7 +228,8 @@ Examples:
 Per slide, results/<slide-id>/ holds mask.ome.zarr (OME-Zarr label image) and
 manifest.json. Slides done before with the same inputs are skipped (--force redoes them).
 Exit status: 0 when every slide succeeded, 1 when any failed (the others still ran),
-5 when the cluster of --scheduler / --scheduler-file cannot be reached.
+3 when the inputs hold no slide file at all, 5 when the cluster of --scheduler /
+--scheduler-file cannot be reached.
 """
 )
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -302,12 +303,13 @@ def run(
         raise click.UsageError("--cluster-workers/--cluster-threads shape the embedded cluster; not with --scheduler")
     if halo_px is not None and halo_px % 8:
         raise click.UsageError(f"--halo-px must be a multiple of 8, got {halo_px}")
-    find_slides(list(inputs))  # a mistyped directory fails now, not after a cluster has started
+    # Inputs that hold no slide at all (a mistyped or empty directory) fail now, before a cluster starts.
+    slides = find_slides(list(inputs))
     with dask_client(scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers,
                      threads_per_worker=threads_per_worker) as client:
         click.echo(f"dashboard: {client.dashboard_link}", err=True)
         result = run_batch(
-            list(inputs), out_dir, weights=weights, threshold=threshold, precision=precision, device=device,
+            slides, out_dir, weights=weights, threshold=threshold, precision=precision, device=device,
             halo_px=halo_px, block_chunks=block_chunks, forward_chunks=forward_chunks, batch_size=batch_size,
             save_probabilities=save_probabilities, mpp_um=mpp_um, min_tissue_fraction=min_tissue_fraction,
             all_tissue=all_tissue, min_lesion_area_um2=min_lesion_area_um2, keep_tiles=keep_tiles, force=force,

@@ -20,7 +20,7 @@ import re
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,9 +150,12 @@ def _ome_mpp(xml: str) -> tuple[float | None, str]:
 #: Channel names that are dyes or fluorescent proteins, not colours of a brightfield camera.
 _FLUOROPHORE = re.compile(
     r"(?<![a-z0-9])(dapi|hoechst|fitc|tritc|texas ?red|cy[2357](\.5)?|e?[gycr]fp|mcherry|tdtomato|"
-    r"alexa|af ?\d{3}|opal|atto|dylight|sytox|propidium)(?![a-z])",
+    r"alexa|af[ _-]?\d{3}|cf\d{3}|bv\d{3}|draq[57]|opal|atto|dylight|sytox|propidium)(?![a-z])|fluor",
     re.IGNORECASE,
 )
+#: A channel that says it is brightfield is, whatever wavelengths a converter copied onto it.
+_BRIGHTFIELD = {("IlluminationType", "Transmitted"), ("ContrastMethod", "Brightfield"),
+                ("ContrastMethod", "Phase"), ("ContrastMethod", "DIC")}
 
 
 def _ome_fluorescence(xml: str) -> str | None:
@@ -167,11 +170,16 @@ def _ome_fluorescence(xml: str) -> str | None:
     True
     >>> _ome_fluorescence('<Channel ID="c0" Name="DAPI" SamplesPerPixel="1"/>')
     "channel 'DAPI'"
-    >>> _ome_fluorescence('<ome:Channel ID="c0" EmissionWavelength="461"/>')
+    >>> _ome_fluorescence("<ome:Channel ID='c0' EmissionWavelength='461'/>")
     'channel EmissionWavelength'
+    >>> _ome_fluorescence('<Channel IlluminationType="Transmitted" EmissionWavelength="550" SamplesPerPixel="3"/>')
+    >>> _ome_fluorescence('<Channel Name="AlexaFluor488"/>'), _ome_fluorescence('<Channel Name="Red"/>')
+    ("channel 'AlexaFluor488'", None)
     """
     for tag in re.findall(r"<(?:\w+:)?Channel\b[^>]*>", xml):
-        attrs = dict(re.findall(r'(\w+)="([^"]*)"', tag))
+        attrs = {k: v1 or v2 for k, v1, v2 in re.findall(r"""(\w+)=(?:"([^"]*)"|'([^']*)')""", tag)}
+        if _BRIGHTFIELD & set(attrs.items()):
+            continue
         if attrs.get("IlluminationType") == "Epifluorescence" or attrs.get("ContrastMethod") == "Fluorescence":
             return f"channel {'IlluminationType' if 'IlluminationType' in attrs else 'ContrastMethod'}"
         for key in ("EmissionWavelength", "ExcitationWavelength", "Fluor"):
@@ -362,7 +370,7 @@ class SlideReader:
             )
         if samples == 3:
             conversion = "none"
-        elif samples == 4:
+        elif samples == 4 and "C" not in core_axes:  # separate OME channels ("C") are never alpha
             conversion = "rgba->rgb (alpha dropped)"
         elif samples == 1:
             raise UnsupportedSlide(
@@ -508,6 +516,20 @@ def cached_reader(path: str, mpp_um: float | None = None) -> SlideReader:
     return reader
 
 
+def _slide_files_under(directory: Path) -> Iterator[Path]:
+    """Slide files under ``directory``, following symlinked folders (each real folder walked once)."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            if name.lower().endswith(SLIDE_SUFFIXES) and os.path.isfile(os.path.join(root, name)):
+                yield Path(root) / name
+
+
 def find_slides(inputs: list[Path]) -> list[Path]:
     """Expand files and directories (recursively, by :data:`SLIDE_SUFFIXES`) into a sorted list of slides.
 
@@ -519,7 +541,7 @@ def find_slides(inputs: list[Path]) -> list[Path]:
     empty: list[Path] = []
     for p in inputs:
         if p.is_dir():
-            inside = sorted(q for q in p.rglob("*") if q.is_file() and q.name.lower().endswith(SLIDE_SUFFIXES))
+            inside = sorted(_slide_files_under(p))
             if not inside:
                 empty.append(p)
                 logger.warning("%s: no slide files in this directory (%s, recursively)", p, " ".join(SLIDE_SUFFIXES))

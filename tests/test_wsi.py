@@ -215,6 +215,8 @@ def test_planar_rgb_is_interleaved(tmp_path: Path) -> None:
         ({"EmissionWavelength": [461.0, 519.0, 576.0]}, True),
         ({"Name": ["Red", "Green", "Blue"]}, False),
         ({}, False),
+        # A channel that says it is transmitted light is brightfield, whatever wavelengths it carries.
+        ({"IlluminationType": ["Transmitted"] * 3, "EmissionWavelength": [450.0, 550.0, 650.0]}, False),
     ],
 )
 def test_ome_three_channel_fluorescence_is_told_from_planar_rgb(
@@ -228,6 +230,14 @@ def test_ome_three_channel_fluorescence_is_told_from_planar_rgb(
     with open_slide(p) as reader:
         assert reader.info.fluorescence == fluorescence
         np.testing.assert_array_equal(reader.read_region(0, 0, 64, 80), np.moveaxis(img, 0, -1))
+
+
+def test_ome_four_separate_channels_are_not_rgba(tmp_path: Path) -> None:
+    p = tmp_path / "four.ome.tif"
+    img = np.zeros((4, 64, 80), np.uint8)
+    tifffile.imwrite(p, img, ome=True, tile=(32, 32), metadata={"axes": "CYX"})
+    with pytest.raises(UnsupportedSlide, match="4-channel image"):
+        open_slide(p)
 
 
 @pytest.mark.parametrize(
@@ -305,3 +315,8 @@ def test_find_slides_recurses_and_dedupes(tmp_path: Path) -> None:
     assert [p.name for p in find_slides([tmp_path / "empty", tmp_path / "a" / "x.svs"])] == ["x.svs"]
     with pytest.raises(SlideNotFound, match=r"empty: no slide files found \(looked for \.svs"):
         find_slides([tmp_path / "empty"])
+    # Symlinked folders are followed (a scan share linked in), each real folder once (a loop ends).
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "to-a").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "a" / "b" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert sorted(p.name for p in find_slides([tmp_path / "linked"])) == ["x.svs", "y.ndpi", "z.ome.tif"]
