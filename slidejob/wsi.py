@@ -45,6 +45,11 @@ SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".ndpi", ".tif", ".tiff", ".btf", ".s
 #: No scanner produces more than this many pixels a side; a header that claims
 #: more is corrupt or hostile (and would make size arithmetic overflow).
 MAX_SIDE_PX = 1_000_000
+#: The most one stored tile or strip of any level may hold, decoded.  A region read decodes whole
+#: segments, so a slide saved as one strip (or with a corrupt tile size) would be decoded whole by
+#: every task thread that reads it: a 50,000² single-strip RGB image is 7.5 GB.  Scanners write
+#: tiles of 240-1024 px (under 3.2 MB); an 8192² single-strip TIFF (201 MB) still reads.
+MAX_SEGMENT_BYTES = 256 * 2**20
 
 #: µm/px outside this range is not a microscope scan (a 72 dpi "screen" default
 #: is 352.8 µm/px); such a value is reported as unknown rather than trusted.
@@ -225,6 +230,21 @@ def _check_dims(path: Path, height: int, width: int) -> None:
         )
 
 
+def _check_segments(path: Path, series: tifffile.TiffPageSeries) -> None:
+    """Refuse a slide whose tiles or strips are too large to decode one at a time (:data:`MAX_SEGMENT_BYTES`)."""
+    for i, level in enumerate(series.levels):
+        page = level.keyframe
+        segment = tuple(int(n) for n in page.chunks)
+        nbytes = int(np.prod(segment)) * page.dtype.itemsize
+        if nbytes > MAX_SEGMENT_BYTES:
+            kind = "tiles" if page.is_tiled else "strips"
+            raise UnsupportedSlide(
+                f"{path}: level {i} is stored in {kind} of {segment[1]}×{segment[0]} px "
+                f"({nbytes / 2**20:.0f} MB each decoded, over the {MAX_SEGMENT_BYTES // 2**20} MB slidejob "
+                "decodes at once); re-save it with small tiles, e.g. vips tiffsave IN OUT.tif --tile --pyramid"
+            )
+
+
 def _check_not_truncated(path: Path, page: tifffile.TiffPage, file_size: int) -> None:
     offsets = np.asarray(page.dataoffsets, dtype=np.int64)
     counts = np.asarray(page.databytecounts, dtype=np.int64)
@@ -383,6 +403,7 @@ class SlideReader:
                 "3-channel RGB brightfield (H&E) slides"
             )
         _check_not_truncated(self.path, page0, file_size)
+        _check_segments(self.path, series)
 
         levels = []
         for i, lv in enumerate(series.levels):

@@ -232,6 +232,23 @@ def test_ome_three_channel_fluorescence_is_told_from_planar_rgb(
         np.testing.assert_array_equal(reader.read_region(0, 0, 64, 80), np.moveaxis(img, 0, -1))
 
 
+def test_segments_too_large_to_decode_one_at_a_time_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A region read decodes whole tiles or strips: a single-strip or huge-tile file would be decoded
+    # whole by every reading thread.  The bound is lowered here so that small files show it.
+    from slidejob import wsi
+
+    monkeypatch.setattr(wsi, "MAX_SEGMENT_BYTES", 2**20)
+    img = np.zeros((1024, 1024, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "strip.tif", img, photometric="rgb", rowsperstrip=1024, compression="zlib")
+    tifffile.imwrite(tmp_path / "tiled.tif", img, photometric="rgb", tile=(256, 256), compression="zlib")
+    tifffile.imwrite(tmp_path / "rows.tif", img, photometric="rgb", rowsperstrip=64, compression="zlib")
+    with pytest.raises(UnsupportedSlide, match=r"strip\.tif: level 0 is stored in strips of 1024×1024 px \(3 MB"):
+        open_slide(tmp_path / "strip.tif")
+    for ok in ("tiled.tif", "rows.tif"):
+        with open_slide(tmp_path / ok) as reader:
+            assert reader.info.width_px == 1024
+
+
 def test_ome_four_separate_channels_are_not_rgba(tmp_path: Path) -> None:
     p = tmp_path / "four.ome.tif"
     img = np.zeros((4, 64, 80), np.uint8)
