@@ -235,7 +235,7 @@ def _check_segments(path: Path, series: tifffile.TiffPageSeries) -> None:
     for i, level in enumerate(series.levels):
         page = level.keyframe
         segment = tuple(int(n) for n in page.chunks)
-        nbytes = int(np.prod(segment)) * page.dtype.itemsize
+        nbytes = int(np.prod(segment)) * np.dtype(page.dtype or np.uint8).itemsize
         if nbytes > MAX_SEGMENT_BYTES:
             kind = "tiles" if page.is_tiled else "strips"
             raise UnsupportedSlide(
