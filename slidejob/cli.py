@@ -111,7 +111,11 @@ def info(slides: tuple[Path, ...], mpp_um: float | None, fmt: str) -> None:
         click.echo(json.dumps(records, indent=2))
         return
     for r in records:
-        mpp = f"{r['mpp_um']:.4f} µm/px ({r['mpp_source']})" if r["mpp_um"] else f"unknown ({r['mpp_source']})"
+        source = r["mpp_source"]
+        if r["mpp_um"]:
+            mpp = f"{r['mpp_um']:.4f} µm/px ({source})"
+        else:  # the source already says "unknown (why)" where there is a why
+            mpp = source if source.startswith("unknown") else f"unknown ({source})"
         levels = ", ".join(f"{lv['width_px']}×{lv['height_px']} (/{lv['downsample']:.3g})" for lv in r["levels"])
         click.echo(f"{r['path']}")
         click.echo(f"  vendor      {r['vendor']}{'  [fluorescence]' if r['fluorescence'] else ''}")
