@@ -24,6 +24,8 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,6 +94,47 @@ def write_file_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+#: A run touches each temporary directory it is building this often, so that a run on another host
+#: (which cannot ask whether the process is alive) can tell a live build from a killed one's leftovers.
+HEARTBEAT_S = 60.0
+#: Another host's temporary untouched for this long is a killed run's (15 heartbeats: room for clock
+#: skew and a shared file system's attribute caching).
+STALE_AFTER_S = 15 * 60.0
+_LIVE: set[Path] = set()
+_LIVE_LOCK = threading.Lock()
+_HEARTBEAT: threading.Thread | None = None
+
+
+def _keep_alive(path: Path) -> None:
+    """Touch ``path`` every :data:`HEARTBEAT_S` until :func:`_let_go` (a daemon thread does it)."""
+    global _HEARTBEAT
+    with _LIVE_LOCK:
+        _LIVE.add(path)
+        if _HEARTBEAT is None or not _HEARTBEAT.is_alive():
+            _HEARTBEAT = threading.Thread(target=_heartbeat_loop, name="slidejob-temporaries", daemon=True)
+            _HEARTBEAT.start()
+
+
+def _let_go(path: Path) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(path)
+
+
+def touch_live_temporaries() -> None:
+    """Set the modification time of every temporary this process is building to now."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for path in live:
+        with contextlib.suppress(OSError):  # renamed into place or removed meanwhile
+            os.utime(path)
+
+
+def _heartbeat_loop() -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        touch_live_temporaries()
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -107,9 +150,13 @@ def remove_stale_temporaries(directory: Path, final_name: str | None = None) -> 
 
     A run killed mid-write (``kill -9``, a node lost) leaves its half-built
     outputs under hidden temporary names; nothing mistakes them for results,
-    but they hold disk.  Only those made on this host by a process that no
-    longer exists are removed: another host's, or a live process's, may still
-    be in use.  Returns what was removed.
+    but they hold disk (a slide's tile store: gigabytes).  On this host, those
+    of a process that no longer exists are removed.  Another host's cannot be
+    asked about: they are removed when untouched for :data:`STALE_AFTER_S`,
+    since a live run touches what it builds every :data:`HEARTBEAT_S` (a batch
+    killed on one SLURM node and rerun on another).  A live process on this
+    host with a leftover that old holds a reused pid: removed too.  This
+    process's own are never removed.  Returns what was removed.
     """
     removed: list[Path] = []
     try:
@@ -118,10 +165,18 @@ def remove_stale_temporaries(directory: Path, final_name: str | None = None) -> 
         return removed
     for entry in entries:
         m = _TEMPORARY.match(entry.name)
-        if not m or m["host"] != _HOST or (final_name is not None and m["final"] != final_name):
+        if not m or (final_name is not None and m["final"] != final_name):
             continue
-        if _process_alive(int(m["pid"])):
+        pid = int(m["pid"])
+        if m["host"] == _HOST and pid == os.getpid():
             continue
+        if not (m["host"] == _HOST and not _process_alive(pid)):
+            try:
+                untouched_s = time.time() - entry.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            if untouched_s < STALE_AFTER_S:
+                continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -146,11 +201,14 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     remove_stale_temporaries(final.parent, final.name)
     tmp = tmp_name(final)
     tmp.mkdir()
+    _keep_alive(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _let_go(tmp)
     old = None
     if final.exists():
         old = tmp_name(final, "old")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,32 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None
     leftover.mkdir()
     with chunkstore.atomic_directory(tmp_path / "tiles.zarr") as tmp:
         assert not leftover.exists() and tmp.name.startswith(f".tiles.zarr.tmp-{host}-{os.getpid()}-")
+
+
+def test_temporaries_of_other_hosts_go_once_untouched_and_live_ones_are_touched(tmp_path: Path) -> None:
+    # A batch killed on one node and rerun on another: the rerun cannot ask the first node whether
+    # the process lives, but a live run touches what it builds every HEARTBEAT_S.
+    host, stale_s = chunkstore._HOST, chunkstore.STALE_AFTER_S
+    long_ago = time.time() - stale_s - 60
+    made = {
+        "other_host_old": tmp_path / ".mask.ome.zarr.tmp-node17-4242-0123abcd",
+        "other_host_fresh": tmp_path / ".tiles.zarr.tmp-node17-4242-0123abcd",
+        "reused_pid_old": tmp_path / f".stats.json.tmp-{host}-1-00ff00ff",  # pid 1 lives: not ours
+        "ours_old": chunkstore.tmp_name(tmp_path / "overlay.png"),
+    }
+    for name, path in made.items():
+        path.mkdir()
+        if name.endswith("_old"):
+            os.utime(path, (long_ago, long_ago))
+    removed = set(chunkstore.remove_stale_temporaries(tmp_path))
+    assert removed == {made["other_host_old"], made["reused_pid_old"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(made[k].name for k in ("other_host_fresh", "ours_old"))
+    # What atomic_directory is building is touched by the heartbeat, and no longer once renamed into place.
+    with chunkstore.atomic_directory(tmp_path / "mask.ome.zarr") as building:
+        os.utime(building, (long_ago, long_ago))
+        chunkstore.touch_live_temporaries()
+        assert time.time() - building.stat().st_mtime < 60
+    assert building not in chunkstore._LIVE and (tmp_path / "mask.ome.zarr").is_dir()
 
 
 def test_read_chunked_refuses_what_it_would_get_wrong() -> None:
