@@ -23,9 +23,12 @@ skipping), reporting the ratio of the fastest of each and the median of the thre
     ``slidejob run`` starts one (target ≤ 1.5 GB, ratio ≤ 1.2).
 When the embedded cluster has GPU workers, "gpu" adds the GPU's own limit (512² batches in the precision
 ``auto`` picks there), tiles/s of the all-tissue runs on the GPU workers, their fraction of that limit, and
-the GPUs' busy fraction sampled during those runs (NVML or nvidia-smi).
+the GPUs' busy fraction sampled during those runs (NVML or nvidia-smi), the forward of one whole 4×4 block
+plus the halo, and with --gpu-sweep the all-tissue runs on clusters of other shapes; the CPU limits are
+left out there.
 
-Usage:  python bench/bench_run.py [--side 8192] [--workdir bench/out] [--weights CARD]
+Usage:  python bench/bench_run.py [--side 8192] [--workdir bench/out] [--weights CARD] [--skip-memory]
+                                  [--gpu-sweep 1x15x1,4x4x1,8x2x1:heap]
 """
 
 from __future__ import annotations

@@ -337,7 +337,9 @@ def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | 
     """Worker processes and threads for an embedded LocalCluster on this machine.
 
     Cores are those this process may use (CPU affinity and cgroup limits, as
-    :data:`dask.system.CPU_COUNT` counts them: a SLURM job's share of a node).
+    :data:`dask.system.CPU_COUNT` counts them), and no more than a SLURM job's
+    ``SLURM_CPUS_PER_TASK`` (a SLURM without affinity or cgroup plugins shows a
+    job the whole node): :func:`usable_cores`.
     With CUDA: ``cluster.workers-per-gpu`` worker processes per GPU (each sees
     its one GPU only and declares a ``GPU`` resource), sharing the cores, one
     left for the client and scheduler, with at least 2 task threads each and no
@@ -349,7 +351,7 @@ def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | 
     each forward on one torch thread — on CPUs, parallel forwards scale better
     than threads inside one forward.
     """
-    cores = CPU_COUNT or 1
+    cores = usable_cores()
     n_gpus = cuda_device_count()
     if n_gpus:
         n = int(config.get("cluster.n-workers", n_workers) or n_gpus * workers_per_gpu(cores, n_gpus))
@@ -359,6 +361,21 @@ def local_cluster_shape(n_workers: int | None = None, threads_per_worker: int | 
     n = int(config.get("cluster.n-workers", n_workers) or max(1, cores // 8))
     t = int(config.get("cluster.threads-per-worker", threads_per_worker) or max(1, cores // n))
     return {"n_workers": n, "threads_per_worker": t, "resources": None, "gpus": 0}
+
+
+def usable_cores() -> int:
+    """Cores for the embedded cluster: :data:`dask.system.CPU_COUNT`, capped by ``SLURM_CPUS_PER_TASK`` when set.
+
+    >>> import os; saved = os.environ.get("SLURM_CPUS_PER_TASK")
+    >>> os.environ["SLURM_CPUS_PER_TASK"] = "1"; usable_cores()
+    1
+    >>> _ = os.environ.pop("SLURM_CPUS_PER_TASK") if saved is None else os.environ.update(SLURM_CPUS_PER_TASK=saved)
+    """
+    cores = CPU_COUNT or 1
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if allocated.isdigit() and int(allocated) > 0:
+        cores = min(cores, int(allocated))
+    return cores
 
 
 def workers_per_gpu(cores: int, n_gpus: int) -> int:
@@ -418,8 +435,8 @@ def workers_per_gpu(cores: int, n_gpus: int) -> int:
 #: no longer slower per pixel.  The cost: a worker keeps its peak heap instead of handing it back.
 #: Workers of a cluster started outside slidejob (--scheduler) want it in their environment too.
 CPU_WORKER_ENVIRON = {"MALLOC_ARENA_MAX": 1, "MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": 2**30}
-#: GPU workers: activations live on the device, and their many task threads might queue on one
-#: arena's lock (unmeasured: bench/gpu_check.sh times both).  Allocations up to 32 MiB (glibc's
+#: GPU workers: activations live on the device.  One arena ("heap", as CPU workers) was no faster
+#: there (H200: 1 x 15 threads 164 against 167 tiles/s, 4 x 3 203 against 216).  Allocations up to 32 MiB (glibc's
 #: adaptive ceiling; the nanny's trim threshold would otherwise make it 128 KiB) come from the heap
 #: again (before CPU workers had settings of their own, a CPU forward ran 1.6x slower without).
 GPU_WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
@@ -979,7 +996,7 @@ def run_batch(
         device=device,
         precision=precision,
         # Parallel tasks each get one torch thread; one task per machine gets them all.
-        torch_threads=max(1, CPU_COUNT // max(1, threads)) if client is not None else 1,
+        torch_threads=max(1, usable_cores() // max(1, threads)) if client is not None else 1,
     )
     params = RunParameters(
         threshold=float(card.threshold if threshold is None else threshold),

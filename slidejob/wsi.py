@@ -240,7 +240,7 @@ def _check_segments(path: Path, series: tifffile.TiffPageSeries) -> None:
             kind = "tiles" if page.is_tiled else "strips"
             raise UnsupportedSlide(
                 f"{path}: level {i} is stored in {kind} of {segment[1]}×{segment[0]} px "
-                f"({nbytes / 2**20:.0f} MB each decoded, over the {MAX_SEGMENT_BYTES // 2**20} MB slidejob "
+                f"({nbytes / 2**20:.0f} MiB each decoded, over the {MAX_SEGMENT_BYTES // 2**20} MiB slidejob "
                 "decodes at once); re-save it with small tiles, e.g. vips tiffsave IN OUT.tif --tile --pyramid"
             )
 
@@ -555,8 +555,9 @@ def find_slides(inputs: list[Path]) -> list[Path]:
     """Expand files and directories (recursively, by :data:`SLIDE_SUFFIXES`) into a sorted list of slides.
 
     A file is taken as given (a missing one fails as its slide, the others go on).  A directory
-    without slide files is logged; when nothing at all is found the inputs were wrong, and a
-    :class:`SlideNotFound` says so, rather than a batch of nothing that looks like success.
+    without slide files is logged.  When no input exists or holds a slide file the inputs were
+    wrong (a mistyped or empty folder), and a :class:`SlideNotFound` says so, rather than a batch
+    of nothing that looks like success or of one "slide" that is a typo.
     """
     found: list[Path] = []
     empty: list[Path] = []
@@ -569,9 +570,13 @@ def find_slides(inputs: list[Path]) -> list[Path]:
             found.extend(inside)
         else:
             found.append(p)
-    if not found and empty:
-        raise SlideNotFound(f"{', '.join(map(str, empty))}: no slide files found "
-                            f"(looked for {' '.join(SLIDE_SUFFIXES)}, recursively)")
+    if inputs and not any(p.exists() for p in found):
+        missing = [p for p in found if not p.exists()]
+        reasons = [f"{', '.join(map(str, missing))}: no such file or directory"] if missing else []
+        if empty:
+            reasons.append(f"{', '.join(map(str, empty))}: no slide files found "
+                           f"(looked for {' '.join(SLIDE_SUFFIXES)}, recursively)")
+        raise SlideNotFound("; ".join(reasons))
     seen: set[Path] = set()
     unique = []
     for p in found:

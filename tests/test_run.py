@@ -342,6 +342,12 @@ def test_local_cluster_shape_per_gpu_and_per_core(
         shape = pipeline.local_cluster_shape()
     assert (shape["n_workers"], shape["threads_per_worker"]) == expected
     assert shape["gpus"] == gpus and shape["resources"] == ({"GPU": 1} if gpus else None)
+    # A SLURM job's allocation caps the cores (a SLURM without affinity shows the whole node).
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    with dask.config.set({"slidejob.cluster.workers-per-gpu": per_gpu}):
+        in_job = pipeline.local_cluster_shape()
+    assert in_job["n_workers"] * in_job["threads_per_worker"] <= max(4, 2 * in_job["n_workers"])
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     # Given counts win over the rule, as --cluster-workers / --cluster-threads give them.
     given = pipeline.local_cluster_shape(n_workers=3, threads_per_worker=5)
     assert (given["n_workers"], given["threads_per_worker"]) == (3, 5)

@@ -242,7 +242,7 @@ def test_segments_too_large_to_decode_one_at_a_time_are_refused(tmp_path: Path, 
     tifffile.imwrite(tmp_path / "strip.tif", img, photometric="rgb", rowsperstrip=1024, compression="zlib")
     tifffile.imwrite(tmp_path / "tiled.tif", img, photometric="rgb", tile=(256, 256), compression="zlib")
     tifffile.imwrite(tmp_path / "rows.tif", img, photometric="rgb", rowsperstrip=64, compression="zlib")
-    with pytest.raises(UnsupportedSlide, match=r"strip\.tif: level 0 is stored in strips of 1024×1024 px \(3 MB"):
+    with pytest.raises(UnsupportedSlide, match=r"strip\.tif: level 0 is stored in strips of 1024×1024 px \(3 MiB"):
         open_slide(tmp_path / "strip.tif")
     for ok in ("tiled.tif", "rows.tif"):
         with open_slide(tmp_path / ok) as reader:
@@ -332,6 +332,10 @@ def test_find_slides_recurses_and_dedupes(tmp_path: Path) -> None:
     assert [p.name for p in find_slides([tmp_path / "empty", tmp_path / "a" / "x.svs"])] == ["x.svs"]
     with pytest.raises(SlideNotFound, match=r"empty: no slide files found \(looked for \.svs"):
         find_slides([tmp_path / "empty"])
+    # A mistyped path on its own is bad input too; beside a real slide it fails as its own slide.
+    with pytest.raises(SlideNotFound, match=r"scnas: no such file or directory; .*empty: no slide files found"):
+        find_slides([tmp_path / "scnas", tmp_path / "empty"])
+    assert [p.name for p in find_slides([tmp_path / "gone.svs", tmp_path / "a" / "x.svs"])] == ["gone.svs", "x.svs"]
     # Symlinked folders are followed (a scan share linked in), each real folder once (a loop ends).
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "to-a").symlink_to(tmp_path / "a", target_is_directory=True)
