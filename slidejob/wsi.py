@@ -540,7 +540,11 @@ def cached_reader(path: str, mpp_um: float | None = None) -> SlideReader:
 def _slide_files_under(directory: Path) -> Iterator[Path]:
     """Slide files under ``directory``, following symlinked folders (each real folder walked once)."""
     seen: set[str] = set()
-    for root, dirs, files in os.walk(directory, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:  # os.walk would skip the folder without a word
+        logger.warning("%s: cannot list this folder (%s); slides in it are not processed", exc.filename, exc.strerror)
+
+    for root, dirs, files in os.walk(directory, followlinks=True, onerror=unreadable):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or two links to one folder
             dirs[:] = []

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 
@@ -317,6 +318,24 @@ def test_fingerprint_sees_changes_in_large_files(tmp_path: Path) -> None:
     data[-1] ^= 0xFF
     p.write_bytes(bytes(data))
     assert fingerprint_file(p) != before
+
+
+def test_find_slides_says_which_folders_it_cannot_list(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open" / "a.svs").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def scandir(path):  # what listing a folder without read permission does (root would not see it)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert [p.name for p in find_slides([tmp_path])] == ["a.svs"]
+    assert "locked: cannot list this folder (Permission denied)" in caplog.text
 
 
 def test_find_slides_recurses_and_dedupes(tmp_path: Path) -> None:
