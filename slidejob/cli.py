@@ -233,7 +233,8 @@ Per slide, results/<slide-id>/ holds mask.ome.zarr (OME-Zarr label image) and
 manifest.json. Slides done before with the same inputs are skipped (--force redoes them).
 Exit status: 0 when every slide succeeded, 1 when any failed (the others still ran),
 3 when the inputs hold no slide file at all, 5 when the cluster of --scheduler /
---scheduler-file cannot be reached.
+--scheduler-file cannot be reached, 6 when the output's file system is full (the
+batch stops; rerun after freeing space).
 """
 )
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))

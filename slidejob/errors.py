@@ -10,11 +10,13 @@ from __future__ import annotations
 #: Exit statuses the CLI uses, so that a scheduler can tell "fix the input"
 #: from "retry": 1 = a deliberate error of ours, 2 = usage (click), 3 = bad
 #: input (slide missing, unreadable, unsupported), 4 = output already exists,
-#: 5 = the Dask cluster cannot be reached (retry when it is up).
+#: 5 = the Dask cluster cannot be reached (retry when it is up), 6 = the output's
+#: file system is full or over quota (rerun after freeing space).
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 3
 EXIT_OUTPUT_EXISTS = 4
 EXIT_CLUSTER_UNREACHABLE = 5
+EXIT_STORAGE_FULL = 6
 
 
 class SlidejobError(Exception):
@@ -51,6 +53,12 @@ class ClusterUnreachable(SlidejobError, ConnectionError):
     """The Dask scheduler given by address or scheduler file cannot be reached."""
 
     exit_code = EXIT_CLUSTER_UNREACHABLE
+
+
+class OutputStorageFull(SlidejobError, OSError):
+    """The output's file system is full or over quota: every further slide would fail too, so the batch stops."""
+
+    exit_code = EXIT_STORAGE_FULL
 
 
 class ModelError(SlidejobError, ValueError):

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import logging
 import os
+import shutil
+import sqlite3
 import sys
 import threading
 import time
@@ -42,7 +45,7 @@ from slidejob import (
     wsi,
 )
 from slidejob.chunkstore import CHUNK_PX
-from slidejob.errors import OutputExists, UnsupportedSlide
+from slidejob.errors import OutputExists, OutputStorageFull, UnsupportedSlide
 from slidejob.wsi import SlideInfo, cached_reader, open_slide
 
 logger = logging.getLogger(__name__)
@@ -1083,6 +1086,37 @@ def run_batch(
     return BatchResult(out_dir=out_dir, outcomes=outcomes)
 
 
+#: Free space under which a write error on the output's file system is taken for a full one (sqlite
+#: reports a full disk as a plain "disk I/O error" when its journal cannot grow).
+_NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def _storage_full(exc: BaseException, out_dir: Path) -> BaseException | None:
+    """The error in ``exc``'s chain that says the output's file system is full or over quota, or None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if isinstance(e, (OSError, sqlite3.Error)):
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(out_dir).free < _NEARLY_FULL_BYTES:
+                    return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _raise_if_storage_full(exc: BaseException, out_dir: Path, path: Path) -> None:
+    full = _storage_full(exc, out_dir)
+    if full is not None:
+        reason = getattr(full, "strerror", None) or str(full)
+        raise OutputStorageFull(
+            f"{out_dir}: its file system is full ({reason}) while writing {path.name}; the batch stopped: "
+            "slides finished so far are kept, and a rerun after freeing space goes on from there"
+        ) from exc
+
+
 def trim_heap() -> None:
     """Hand this process's free heap back to the OS (glibc's ``malloc_trim``; elsewhere nothing)."""
     import ctypes
@@ -1271,8 +1305,6 @@ def _run_one(
                       "largest_diameter_mm", "size_category")
         }
         if not keep_tiles:
-            import shutil
-
             shutil.rmtree(tiles, ignore_errors=True)
         else:
             manifest["outputs"]["tiles"] = TILES_NAME
@@ -1280,6 +1312,9 @@ def _run_one(
     except Exception as exc:  # one bad slide never stops the batch
         from slidejob.errors import SlidejobError
 
+        # ...but a full disk is no bad slide: every further slide would fail the same way.  Its
+        # unfinished stores are gone (atomic_directory); nothing of it is recorded.
+        _raise_if_storage_full(exc, out_dir, path)
         if stopping is not None and stopping.is_set():
             # The batch was interrupted and its cluster closed under this slide: not the slide's
             # failure, so no manifest or database row says it failed (its unfinished stores are
@@ -1302,10 +1337,14 @@ def _run_one(
         weights_sha256=model_info["weights_sha256"], threshold=params.threshold, parameters=params.to_dict(),
         started_at=started, finished_at=finished,
     )
-    if slide_stats is not None:
-        export.write_stats_json(slide_dir / export.STATS_NAME, record, slide_stats.lesions)
-    # The database is written by this (the client) process only; the manifest goes last, so a
-    # manifest saying "ok" means every other output of the slide is in place.
-    summarydb.record_slide(summarydb.db_path_for(out_dir), record, slide_stats.lesions if slide_stats else [])
-    _write_json_atomic(slide_dir / MANIFEST_NAME, manifest)
+    try:
+        if slide_stats is not None:
+            export.write_stats_json(slide_dir / export.STATS_NAME, record, slide_stats.lesions)
+        # The database is written by this (the client) process only; the manifest goes last, so a
+        # manifest saying "ok" means every other output of the slide is in place.
+        summarydb.record_slide(summarydb.db_path_for(out_dir), record, slide_stats.lesions if slide_stats else [])
+        _write_json_atomic(slide_dir / MANIFEST_NAME, manifest)
+    except Exception as exc:
+        _raise_if_storage_full(exc, out_dir, path)
+        raise
     return SlideOutcome(str(path), slide_id, manifest["status"], manifest["error"], slide_dir, seconds, manifest)

@@ -83,6 +83,33 @@ def test_run_on_a_directory_without_slides_is_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # failed before a cluster started or anything was written
 
 
+def test_run_onto_a_full_file_system_exits_6_with_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    # A real full file system (a 3 MB tmpfs), where this machine lets the tests mount one.
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)],
+                             capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        slides = tmp_path / "slides"
+        slides.mkdir()
+        for name in ("a", "b", "c"):
+            write_slide(slides / f"{name}.tif", 1024, 1024, tissue_boxes=[(0, 0, 1024, 1024)])
+        proc = run_cli("run", str(slides), "--out", str(small / "out"), "--weights", str(tiny_model),
+                       "--cluster-workers", "1", "--cluster-threads", "2")
+        assert proc.returncode == 6, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("slidejob: error: ")]
+        assert len(errors) == 1, proc.stderr[-3000:]
+        assert errors[0].startswith(f"slidejob: error: {small / 'out'}: its file system is full"), errors
+        assert "rerun" in errors[0]
+        # Nothing says a slide failed: the slides were not the problem.
+        assert not [m for m in (small / "out").glob("*/manifest.json")
+                    if json.loads(m.read_text())["status"] == "failed"]
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 def test_existing_output_exit_status(tmp_path: Path) -> None:
     slide = write_slide(tmp_path / "s.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
     (tmp_path / "s.zarr").mkdir()

@@ -260,6 +260,42 @@ def test_one_bad_slide_does_not_stop_the_batch(tiny_model: Path, tmp_path: Path)
     assert good is not None
 
 
+def test_a_full_disk_stops_the_batch_and_keeps_what_was_done(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk is no bad slide: every further slide would fail the same way.  The batch stops with
+    # OutputStorageFull (exit 6), the slide being written leaves nothing behind, the slide before it
+    # keeps all its outputs, and a rerun after freeing space goes on from there.
+    import errno
+
+    from slidejob import export
+    from slidejob.errors import OutputStorageFull
+
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b", "c"):
+        write_slide(tmp_path / "in" / f"{name}.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
+    real_overlay = export.write_overlay_png
+
+    def overlay(*args, **kwargs):
+        if "b-" in str(args[-1]):  # the second slide's overlay: the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]))
+        return real_overlay(*args, **kwargs)
+
+    monkeypatch.setattr(export, "write_overlay_png", overlay)
+    with pytest.raises(OutputStorageFull, match=r"file system is full \(No space left on device\) while writing b\.tif"):
+        run_batch([tmp_path / "in"], tmp_path / "out", weights=tiny_model)
+    out = tmp_path / "out"
+    dirs = {p.name.split("-")[0]: p for p in out.iterdir() if p.is_dir()}
+    assert json.loads((dirs["a"] / "manifest.json").read_text())["status"] == "ok"
+    assert not (dirs["b"] / "manifest.json").exists() and not list(dirs["b"].glob(".*tmp-*"))
+    assert "c" not in dirs or not (dirs["c"] / "manifest.json").exists()
+    rows = summarydb.query(summarydb.db_path_for(out), "SELECT slide_id, status FROM slides")
+    assert [r[1] for r in rows.rows] == ["ok"]  # no row says b or c failed: they were not the problem
+    monkeypatch.setattr(export, "write_overlay_png", real_overlay)
+    rerun = run_batch([tmp_path / "in"], out, weights=tiny_model)
+    assert [o.status for o in rerun.outcomes] == ["skipped", "ok", "ok"]
+
+
 @pytest.mark.slow
 def test_local_cluster_model_once_per_worker_and_gpu_path(
     tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
