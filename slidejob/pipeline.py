@@ -1,10 +1,11 @@
 """Orchestration: the one module that builds Dask graphs and owns the Dask client.
 
 Stages are plain functions that take explicit keywords and return small
-result objects.  Graphs are computed with :func:`dask.compute`, which runs on
-the active ``distributed`` client when there is one (a LocalCluster, a
-scheduler address, SLURM workers) and on the local threaded scheduler
-otherwise; the caller decides where work runs.
+result objects.  Graphs are computed with :func:`compute_settled` (dask.compute,
+settling the other tasks before an error is raised), which runs on the active
+``distributed`` client when there is one (a LocalCluster, a scheduler address,
+SLURM workers) and on the local threaded scheduler otherwise; the caller
+decides where work runs.
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ def tile_slide(
             )
         logger.info("%s: tiling %d chunks (%d with tissue) in %d tasks", path.name, int(grid.sum()),
                     tr.n_tissue_chunks, len(tasks))
-        dask.compute(*tasks)
+        compute_settled(*tasks)
         attrs["complete"] = True
         t_done = time.perf_counter()
         attrs["timings_s"] = {"tissue": round(t_tissue - t0, 3), "tile": round(t_done - t_tissue, 3)}
@@ -597,6 +598,29 @@ def _gpu_local_cluster() -> type:
     return GpuLocalCluster
 
 
+def compute_settled(*tasks: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """:func:`dask.compute` of ``tasks``; on a cluster, an error is raised only once the other tasks have settled.
+
+    On a distributed cluster dask.compute raises at the first failed task while the others may still
+    be writing into the stores the caller then removes (:func:`slidejob.chunkstore.atomic_directory`):
+    a writer recreates the folder, and a hidden partial store stays behind.  Waiting for them (they
+    fail or finish in seconds: a full disk, one corrupt tile) keeps the removal whole.  Ctrl-C does
+    not wait.
+    """
+    client = _client_or_none()
+    if client is None:
+        return tuple(dask.compute(*tasks, **kwargs))
+    futures = client.compute(list(tasks), **kwargs)
+    try:
+        return tuple(client.gather(futures))
+    except Exception:
+        from distributed import wait
+
+        with contextlib.suppress(Exception):
+            wait(futures, timeout=300)
+        raise
+
+
 def _client_or_none() -> Any:
     try:
         from distributed import get_client
@@ -778,7 +802,7 @@ def build_pyramid(
             dask.delayed(_pyramid_block, pure=False)(str(path), level, by, bx, block_chunks, reducer)
             for by, bx, _ in block_slices(grid, block_chunks)
         ]
-        dask.compute(*tasks)
+        compute_settled(*tasks)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1245,7 +1269,7 @@ def _run_one(
                 clip_to_tissue=params.clip_to_tissue, min_area_px=min_area_px, pyramid_levels=task_levels,
             )
             results: list[infer.BlockResult] = list(
-                dask.compute(*tasks, resources=GPU_RESOURCES) if gpu else dask.compute(*tasks)
+                compute_settled(*tasks, resources=GPU_RESOURCES) if gpu else compute_settled(*tasks)
             )
             n_written = sum(r.chunks_written for r in results)
             timings["infer"] = time.perf_counter() - t

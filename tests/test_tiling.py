@@ -265,6 +265,38 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None
         assert not leftover.exists() and tmp.name.startswith(f".tiles.zarr.tmp-{host}-{os.getpid()}-")
 
 
+def test_a_failed_tiling_leaves_no_temporary_behind_its_still_running_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a cluster the first failed task raises while the others still write: removing the
+    # temporary then raced them, and a late writer recreated it.  Here one block fails at once and
+    # the others write a chunk a second later; nothing may remain once tile_slide has raised.
+    from distributed import Client, LocalCluster
+
+    from slidejob import pipeline
+
+    slide = write_slide(tmp_path / "s.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)])
+    real_tile_block, real_write = pipeline._tile_block, chunkstore.ChunkWriter.write
+
+    def tile_block(path, mpp_um, store, y0, x0, *rest):
+        if (y0, x0) == (0, 0):
+            raise OSError(28, "No space left on device")
+        return real_tile_block(path, mpp_um, store, y0, x0, *rest)
+
+    def slow_write(self, index, data):  # the other blocks' writers are open and write a second later
+        time.sleep(1.0)
+        return real_write(self, index, data)
+
+    monkeypatch.setattr(pipeline, "_tile_block", tile_block)
+    monkeypatch.setattr(chunkstore.ChunkWriter, "write", slow_write)
+    with LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster):
+        with pytest.raises(OSError, match="No space left"):
+            tile_slide(slide.path, tmp_path / "out" / "tiles.zarr", block_chunks=2)
+        time.sleep(1.5)  # a writer that was still running would have recreated the folder by now
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_temporaries_of_other_hosts_go_once_untouched_and_live_ones_are_touched(tmp_path: Path) -> None:
     # A batch killed on one node and rerun on another: the rerun cannot ask the first node whether
     # the process lives, but a live run touches what it builds every HEARTBEAT_S.
