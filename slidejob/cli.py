@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from slidejob import __version__
-from slidejob.errors import SlidejobError
+from slidejob.errors import EXIT_ERROR, EXIT_STORAGE_FULL, SlidejobError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,6 +31,19 @@ def one_line_errors(fn: F) -> F:
         except SlidejobError as exc:
             click.echo(f"slidejob: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            # The file system refusing an output (full, read-only, no permission) is no bug of ours:
+            # one line, and for a full one the status a scheduler can act on.  Other OS errors
+            # (no file named) keep their traceback.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = f"{exc.filename}: " if exc.filename else ""
+                click.echo(f"slidejob: error: {where}the file system is full ({exc.strerror}); nothing half-written "
+                           "is left in place — free space and run again", err=True)
+                sys.exit(EXIT_STORAGE_FULL)
+            if exc.filename is None:
+                raise
+            click.echo(f"slidejob: error: {exc.filename}: {exc.strerror or exc}", err=True)
+            sys.exit(EXIT_ERROR)
 
     return wrapper  # type: ignore[return-value]
 

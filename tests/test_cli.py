@@ -110,6 +110,25 @@ def test_run_onto_a_full_file_system_exits_6_with_one_line(tiny_model: Path, tmp
         subprocess.run(["umount", str(small)], check=False)
 
 
+def test_tile_and_tissue_onto_a_full_file_system_exit_6_and_leave_nothing(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        slide = write_slide(tmp_path / "s.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)]).path
+        for args in (("tile", str(slide), "--out", str(small / "s.zarr")),
+                     ("tissue", str(slide), "--png", str(small / "s.png"))):
+            proc = run_cli(*args)
+            assert proc.returncode == 6, proc.stderr[-2000:]
+            assert proc.stderr.strip().splitlines()[-1].startswith("slidejob: error: "), proc.stderr[-2000:]
+            assert "file system is full" in proc.stderr and "Traceback" not in proc.stderr
+            assert list(small.iterdir()) == []  # no half-written output, no temporary
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 def test_existing_output_exit_status(tmp_path: Path) -> None:
     slide = write_slide(tmp_path / "s.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
     (tmp_path / "s.zarr").mkdir()

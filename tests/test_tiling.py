@@ -297,6 +297,22 @@ def test_a_failed_tiling_leaves_no_temporary_behind_its_still_running_tasks(
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_write_file_atomic_leaves_no_temporary_when_the_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "stats.json").write_text("old")
+
+    def full(self, data):
+        Path.write_text(self, "half")  # a partial write, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        chunkstore.write_file_atomic(tmp_path / "stats.json", "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+    assert (tmp_path / "stats.json").read_text() == "old"  # what was written before is untouched
+
+
 def test_temporaries_of_other_hosts_go_once_untouched_and_live_ones_are_touched(tmp_path: Path) -> None:
     # A batch killed on one node and rerun on another: the rerun cannot ask the first node whether
     # the process lives, but a live run touches what it builds every HEARTBEAT_S.
