@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
@@ -14,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from slidejob import __version__
-from slidejob.errors import EXIT_ERROR, EXIT_STORAGE_FULL, SlidejobError
+from slidejob.errors import EXIT_ERROR, EXIT_STORAGE_FULL, STORAGE_FULL_ERRNOS, SlidejobError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,7 +34,7 @@ def one_line_errors(fn: F) -> F:
             # The file system refusing an output (full, read-only, no permission) is no bug of ours:
             # one line, and for a full one the status a scheduler can act on.  Other OS errors
             # (no file named) keep their traceback.
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in STORAGE_FULL_ERRNOS:
                 where = f"{exc.filename}: " if exc.filename else ""
                 click.echo(f"slidejob: error: {where}the file system is full ({exc.strerror}); nothing half-written "
                            "is left in place — free space and run again", err=True)

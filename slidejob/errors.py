@@ -7,6 +7,8 @@ name the file, say what was expected and what was found, and the fix.
 
 from __future__ import annotations
 
+import errno
+
 #: Exit statuses the CLI uses, so that a scheduler can tell "fix the input"
 #: from "retry": 1 = a deliberate error of ours, 2 = usage (click), 3 = bad
 #: input (slide missing, unreadable, unsupported), 4 = output already exists,
@@ -17,6 +19,9 @@ EXIT_BAD_INPUT = 3
 EXIT_OUTPUT_EXISTS = 4
 EXIT_CLUSTER_UNREACHABLE = 5
 EXIT_STORAGE_FULL = 6
+
+#: ``OSError.errno`` values that say the file system is full or over quota (:class:`OutputStorageFull`).
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class SlidejobError(Exception):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import logging
 import os
 import shutil
@@ -46,7 +45,7 @@ from slidejob import (
     wsi,
 )
 from slidejob.chunkstore import CHUNK_PX
-from slidejob.errors import OutputExists, OutputStorageFull, UnsupportedSlide
+from slidejob.errors import STORAGE_FULL_ERRNOS, OutputExists, OutputStorageFull, UnsupportedSlide
 from slidejob.wsi import SlideInfo, cached_reader, open_slide
 
 logger = logging.getLogger(__name__)
@@ -1121,7 +1120,7 @@ def _storage_full(exc: BaseException, out_dir: Path) -> BaseException | None:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in STORAGE_FULL_ERRNOS:
             return e
         if isinstance(e, (OSError, sqlite3.Error)):
             with contextlib.suppress(OSError):
