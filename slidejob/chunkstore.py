@@ -171,10 +171,11 @@ def remove_stale_temporaries(directory: Path, final_name: str | None = None) -> 
         m = _TEMPORARY.match(entry.name)
         if not m or (final_name is not None and m["final"] != final_name):
             continue
-        pid = int(m["pid"])
-        if m["host"] == _HOST and pid == os.getpid():
+        pid, here = int(m["pid"]), m["host"] == _HOST
+        if here and pid == os.getpid():
             continue
-        if not (m["host"] == _HOST and not _process_alive(pid)):
+        known_dead = here and not _process_alive(pid)
+        if not known_dead:  # another host's, or a pid that lives (reused?): judged by its heartbeat
             try:
                 untouched_s = time.time() - entry.lstat().st_mtime
             except FileNotFoundError:

@@ -378,11 +378,13 @@ class SlideReader:
         samples = 1 if core_axes == "YX" else shape[axes.index(core_axes[0] if self._channels_first else core_axes[2])]
         dtype = np.dtype(series.dtype)
         page0 = series.keyframe
-        fluorescence = False
+        # Why this is a fluorescence scan, if it is one.
+        fluorescence_why = None
         if tif.is_ndpi and "Fluorescence" in (page0.ndpi_tags or {}):
-            fluorescence = True
-        if tif.is_ome and _ome_fluorescence(tif.ome_metadata or ""):
-            fluorescence = True
+            fluorescence_why = "NDPI Fluorescence tag"
+        elif tif.is_ome:
+            fluorescence_why = _ome_fluorescence(tif.ome_metadata or "")
+        fluorescence = fluorescence_why is not None
         if dtype != np.uint8:
             raise UnsupportedSlide(
                 f"{self.path}: pixel type {dtype} with {samples} channel(s); slidejob segments 8-bit RGB "
@@ -397,7 +399,6 @@ class SlideReader:
                 f"{self.path}: grayscale image (1 channel); slidejob segments RGB brightfield (H&E) slides"
             )
         else:
-            fluorescence = True
             raise UnsupportedSlide(
                 f"{self.path}: {samples}-channel image (multiplexed fluorescence?); slidejob segments "
                 "3-channel RGB brightfield (H&E) slides"
@@ -418,7 +419,8 @@ class SlideReader:
                 raise ValueError(f"mpp_um override must be > 0, got {mpp_override}")
             mpp, mpp_source = float(mpp_override), "override"
         if fluorescence:
-            logger.warning("%s: fluorescence scan; the H&E model's answers on it are meaningless", self.path)
+            logger.warning("%s: fluorescence scan (%s); the H&E model's answers on it are meaningless",
+                           self.path, fluorescence_why)
         self.info = SlideInfo(
             path=str(self.path.resolve()),
             vendor=vendor,
@@ -575,8 +577,8 @@ def find_slides(inputs: list[Path]) -> list[Path]:
         else:
             found.append(p)
     if inputs and not any(p.exists() for p in found):
-        missing = [p for p in found if not p.exists()]
-        reasons = [f"{', '.join(map(str, missing))}: no such file or directory"] if missing else []
+        # What was found is then only given files, none of which exists.
+        reasons = [f"{', '.join(map(str, found))}: no such file or directory"] if found else []
         if empty:
             reasons.append(f"{', '.join(map(str, empty))}: no slide files found "
                            f"(looked for {' '.join(SLIDE_SUFFIXES)}, recursively)")
