@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,15 +85,21 @@ def test_run_on_a_directory_without_slides_is_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # failed before a cluster started or anything was written
 
 
-def test_run_onto_a_full_file_system_exits_6_with_one_line(tiny_model: Path, tmp_path: Path) -> None:
-    # A real full file system (a 3 MB tmpfs), where this machine lets the tests mount one.
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)],
-                             capture_output=True, check=False)
-    if mounted.returncode != 0:
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real file system of ``size`` at ``path`` that fills up, where this machine lets the tests mount one."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                      check=False).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_run_onto_a_full_file_system_exits_6_with_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "small", "3m") as small:
         slides = tmp_path / "slides"
         slides.mkdir()
         for name in ("a", "b", "c"):
@@ -106,17 +114,10 @@ def test_run_onto_a_full_file_system_exits_6_with_one_line(tiny_model: Path, tmp
         # Nothing says a slide failed: the slides were not the problem.
         assert not [m for m in (small / "out").glob("*/manifest.json")
                     if json.loads(m.read_text())["status"] == "failed"]
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_tile_and_tissue_onto_a_full_file_system_exit_6_and_leave_nothing(tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True,
-                      check=False).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "small", "1m") as small:
         slide = write_slide(tmp_path / "s.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)]).path
         for args in (("tile", str(slide), "--out", str(small / "s.zarr")),
                      ("tissue", str(slide), "--png", str(small / "s.png"))):
@@ -125,8 +126,6 @@ def test_tile_and_tissue_onto_a_full_file_system_exit_6_and_leave_nothing(tmp_pa
             assert proc.stderr.strip().splitlines()[-1].startswith("slidejob: error: "), proc.stderr[-2000:]
             assert "file system is full" in proc.stderr and "Traceback" not in proc.stderr
             assert list(small.iterdir()) == []  # no half-written output, no temporary
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_existing_output_exit_status(tmp_path: Path) -> None:
