@@ -93,14 +93,16 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
     model = load_model(card, None, precision=precision, channels_last=channels_last)
     side_hw = (side_px, side_px) if isinstance(side_px, int) else side_px
     kept_hw = (kept_px, kept_px) if isinstance(kept_px, int) else kept_px
+    # The halo's outputs are not wanted, as in the pipeline's forwards (UNet.forward's margin).
+    margin_px = min(s - k for s, k in zip(side_hw, kept_hw)) // 2 // 8 * 8
     tile = np.random.default_rng(0).integers(0, 255, (1, *side_hw, 3), dtype=np.uint8)
-    model.predict_proba(tile)  # warm-up
+    model.predict_proba(tile, margin_px)  # warm-up
     stop = time.perf_counter() + seconds
     counts = [0] * threads
 
     def worker(i: int) -> None:
         while time.perf_counter() < stop:
-            model.predict_proba(tile)
+            model.predict_proba(tile, margin_px)
             counts[i] += 1
 
     t0 = time.perf_counter()
@@ -151,14 +153,15 @@ def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batc
     # measured for the record: whether cuDNN's default choice of kernels costs the forward anything.
     model = load_model(card, None, device="cuda", precision=precision, channels_last=channels_last)
     tiles = np.random.default_rng(0).integers(0, 255, (batch, side_px, side_px, 3), dtype=np.uint8)
+    margin_px = (side_px - kept_px) // 2 // 8 * 8  # the halo's outputs are not wanted, as in the pipeline
     torch.backends.cudnn.benchmark = cudnn_benchmark
     try:
         for _ in range(3):
-            model.predict_proba(tiles)  # warm-up (cuDNN autotuning, allocator)
+            model.predict_proba(tiles, margin_px)  # warm-up (cuDNN autotuning, allocator)
         torch.cuda.synchronize()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            model.predict_proba(tiles)  # returns numpy: synchronised, host copy included
+            model.predict_proba(tiles, margin_px)  # returns numpy: synchronised, host copy included
             n += 1
         elapsed = time.perf_counter() - t0
     finally:

@@ -183,23 +183,26 @@ class LoadedModel:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def predict_proba(self, batch_uint8_nhwc: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    def predict_proba(self, batch_uint8_nhwc: npt.NDArray[np.uint8], margin_px: int = 0) -> npt.NDArray[np.float32]:
         """Cancer probability per pixel.
 
         Parameters
         ----------
         batch_uint8_nhwc
             RGB tiles, shape (N, H, W, 3), dtype uint8, H and W multiples of 8.
+        margin_px
+            Pixels of each side not wanted (a halo), a multiple of 8: they are
+            not returned and cost less to compute (:meth:`UNet.forward`).
 
         Returns
         -------
         numpy.ndarray
-            float32 probabilities of shape (N, H, W).
+            float32 probabilities of shape (N, H - 2 margin, W - 2 margin).
 
         Raises
         ------
         ValueError
-            Wrong dtype, rank, channel count, or sides not multiples of 8.
+            Wrong dtype, rank, channel count, sides not multiples of 8, or a bad margin.
         """
         batch = np.asarray(batch_uint8_nhwc)
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
@@ -216,7 +219,7 @@ class LoadedModel:
                 batch, self._scale, self._shift, device=self.device, channels_last=self.channels_last
             )
             with self._autocast():
-                logits = self.module(x)
+                logits = self.module(x, margin_px)
             probabilities = torch.sigmoid(logits.float())[:, 0]
             return probabilities.cpu().numpy()
 

@@ -110,11 +110,14 @@ def predict_windows(
     inputs: list[npt.NDArray[np.uint8]],
     batch_size: int,
     consume: Callable[[int, npt.NDArray[np.float32]], None],
+    margin_px: int = 0,
 ) -> float:
     """Probabilities for each input, handed to ``consume(index, probabilities)`` as each batch comes back.
 
     Inputs of the same shape go through the model together.  Nothing is kept
     here: a task holds one batch's probabilities at a time, not its block's.
+    With ``margin_px`` (a multiple of 8) each input's outer ``margin_px`` are
+    not wanted: the model leaves them out of its output and spends less on them.
     Returns the seconds spent in the model (``consume`` excluded).
     """
     forward_s = 0.0
@@ -127,7 +130,7 @@ def predict_windows(
             # One input (a GPU task's whole block) goes as a view: stacking would copy its ~14 MB.
             batch = inputs[part[0]][None] if len(part) == 1 else np.stack([inputs[i] for i in part])
             t = time.perf_counter()
-            probs = model.predict_proba(batch)
+            probs = model.predict_proba(batch, margin_px)
             forward_s += time.perf_counter() - t
             for i, p in zip(part, probs):
                 consume(i, p)
@@ -248,11 +251,16 @@ def infer_blocks(
     probs8 = [np.zeros(hw, np.uint8) for hw in shapes] if prob_writer is not None else None
     _lap(stage_s, "read", t)
 
+    # Every window has the whole halo before its kept rectangle (reflect-padded at the slide's
+    # borders) and at least that after it, so the forwards need not return the halo's outputs.
+    margin_px = halo_px // 8 * 8
+
     def place(i: int, p: npt.NDArray[np.float32]) -> None:
         # Keep the window's centre: thresholded (and clipped off glass) into the block's mask canvas.
         b, win, x = jobs[i]
         crop = win.crop()
-        kept = p[crop]
+        rows, cols = crop
+        kept = p[rows.start - margin_px : rows.stop - margin_px, cols.start - margin_px : cols.stop - margin_px]
         mask = (kept >= threshold).astype(np.uint8)
         if clip_to_tissue and mask.any():  # no call, nothing to clip: most windows of a slide
             mask[tissue.glass_mask(x[crop])] = 0
@@ -263,7 +271,7 @@ def infer_blocks(
             probs8[b][kept_rows, kept_cols] = np.round(kept * 255).astype(np.uint8)
 
     t = time.perf_counter()
-    stage_s["forward"] = predict_windows(model, [x for _, _, x in jobs], batch_size, place)
+    stage_s["forward"] = predict_windows(model, [x for _, _, x in jobs], batch_size, place, margin_px)
     stage_s["place"] = time.perf_counter() - t - stage_s["forward"]
     partials: list[stats.ChunkPartial] = []
     outlines: dict[int, str] = {}

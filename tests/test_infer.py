@@ -26,10 +26,11 @@ class _SlowZeros:
     def __init__(self) -> None:
         self.forwards = 0
 
-    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+    def predict_proba(self, batch: np.ndarray, margin_px: int = 0) -> np.ndarray:
         self.forwards += 1
         time.sleep(FORWARD_S)
-        return np.zeros(batch.shape[:3], np.float32)
+        n, height, width = batch.shape[:3]
+        return np.zeros((n, height - 2 * margin_px, width - 2 * margin_px), np.float32)
 
 
 def test_a_task_times_its_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

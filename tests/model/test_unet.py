@@ -76,6 +76,35 @@ def test_tiles_with_a_halo_of_the_receptive_radius_reproduce_the_whole_image() -
     torch.testing.assert_close(centre, whole[:, :, 8 + halo : 8 + halo + 64, 16 + halo : 16 + halo + 64])
 
 
+@pytest.mark.parametrize("norm", ["batch", "none", "group"])
+@pytest.mark.parametrize(("shape", "margin_px"), [((1, 3, 176, 176), 56), ((2, 3, 136, 200), 8),
+                                                  ((1, 3, 64, 96), 16), ((1, 3, 72, 48), 0)])
+def test_a_margin_gives_the_full_outputs_centre(norm: str, shape: tuple[int, ...], margin_px: int) -> None:
+    # Decoders computed on the centre and a ring only (batch and no norm) must give exactly
+    # the full forward's centre; group norm computes in full and cuts.  Random weights, so
+    # that every ring pixel a cropped decoder got wrong would show.
+    torch.manual_seed(2)
+    net = UNet(base_channels=4, norm=norm).eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    image = torch.randn(shape)
+    with torch.no_grad():
+        full = net(image)
+        centre = net(image, margin_px)
+    height, width = shape[-2:]
+    assert centre.shape == (shape[0], 1, height - 2 * margin_px, width - 2 * margin_px)
+    torch.testing.assert_close(centre, full[:, :, margin_px : height - margin_px, margin_px : width - margin_px],
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("margin_px", [-8, 4, 12, 32])
+def test_a_bad_margin_raises(margin_px: int) -> None:
+    with pytest.raises(ValueError, match="margin"):
+        UNet(base_channels=4)(torch.zeros(1, 3, 64, 64), margin_px)
+
+
 @pytest.mark.parametrize("bad", [{"base_channels": 0}, {"norm": "layer"}, {"base_channels": 2.5}])
 def test_bad_config_raises(bad: dict) -> None:
     with pytest.raises(ValueError):
