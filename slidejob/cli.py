@@ -312,7 +312,7 @@ def run(
     threads_per_worker: int | None,
 ) -> None:
     """Find cancer in slides: tile, infer on Dask workers, write stitched masks."""
-    from slidejob.pipeline import dask_client, run_batch
+    from slidejob.pipeline import dask_client, prepare_output_dir, run_batch
     from slidejob.wsi import find_slides
 
     if scheduler and scheduler_file:
@@ -321,8 +321,10 @@ def run(
         raise click.UsageError("--cluster-workers/--cluster-threads shape the embedded cluster; not with --scheduler")
     if halo_px is not None and halo_px % 8:
         raise click.UsageError(f"--halo-px must be a multiple of 8, got {halo_px}")
-    # Inputs that hold no slide at all (a mistyped or empty directory) fail now, before a cluster starts.
+    # Inputs that hold no slide at all (a mistyped or empty directory) and an output whose summary
+    # database cannot be used fail now, before a cluster starts.
     slides = find_slides(list(inputs))
+    prepare_output_dir(out_dir)
     with dask_client(scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers,
                      threads_per_worker=threads_per_worker) as client:
         click.echo(f"dashboard: {client.dashboard_link}", err=True)

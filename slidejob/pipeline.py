@@ -929,6 +929,23 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def prepare_output_dir(out_dir: Path) -> None:
+    """Make the output directory and open its summary database, so that an unusable one stops a batch
+    before any slide is done (not after the first, with nowhere to record it).
+
+    Raises :class:`~slidejob.summarydb.SummaryError` for a database that is not slidejob's, is
+    corrupt, locked or cannot be written; it is left as it is.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    db_path = summarydb.db_path_for(out_dir)
+    try:
+        summarydb.open_database(db_path).close()
+    except summarydb.SummaryError as exc:
+        _raise_if_storage_full(exc, out_dir, db_path)  # a full disk keeps its own exit status
+        raise
+
+
 def run_batch(
     inputs: list[Path],
     out_dir: Path,
@@ -1004,7 +1021,7 @@ def run_batch(
 
     out_dir = Path(out_dir)
     slides = wsi.find_slides(list(inputs))  # inputs without any slide fail here, before anything is written
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out_dir)
     if weights is not None and Path(weights).suffix.lower() == ".json":
         card_path, weights_path = resolve_model_paths(Path(weights), None)
     else:
@@ -1192,7 +1209,20 @@ def _run_one(
         and previous.get("model", {}).get("weights_sha256") == model_info["weights_sha256"]
         and previous.get("parameters") == params.to_dict()
     ):
-        return SlideOutcome(str(path), slide_id, "skipped", None, slide_dir, time.perf_counter() - t0, previous)
+        db_path = summarydb.db_path_for(out_dir)
+        if summarydb.recorded_fingerprint(db_path, slide_id) != fingerprint:
+            # Done, but the summary database does not say so (it was lost or moved aside): record the
+            # slide again from its stats.json rather than redo it; without that file, redo it.
+            try:
+                summarydb.record_from_stats_json(db_path, slide_dir / export.STATS_NAME)
+            except summarydb.SummaryError:
+                raise
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("%s: done before, but its %s is unreadable (%s): doing it again",
+                               path, export.STATS_NAME, _one_line(exc))
+                previous = None
+        if previous is not None:
+            return SlideOutcome(str(path), slide_id, "skipped", None, slide_dir, time.perf_counter() - t0, previous)
     try:
         slide_dir.mkdir(parents=True, exist_ok=True)
         # What a killed run of this slide left under temporary names (a probability store

@@ -27,7 +27,8 @@ import datetime as _dt
 import io
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from slidejob.stats import SIZE_CATEGORIES, Lesion, SlideStats
 
 DB_NAME = "slidejob.sqlite"
 SCHEMA_VERSION = 1
+#: How long a connection waits for another process's transaction before giving up.
+BUSY_TIMEOUT_S = 60
 
 #: Statistics columns: NULL for a failed slide.
 STAT_COLUMNS: dict[str, str] = {
@@ -131,6 +134,38 @@ class QueryResult:
         return [dict(zip(self.columns, row)) for row in self.rows]
 
 
+def _describe(db_path: Path, exc: sqlite3.Error) -> str:
+    """One line on what is wrong with the summary database and what to do about it."""
+    name = getattr(exc, "sqlite_errorname", "")  # Python >= 3.11
+    text = str(exc)
+    if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in text or "malformed" in text:
+        return (f"{db_path}: not a usable summary database ({text}); it was left as it is: move it aside "
+                "and run again (slides already done are recorded anew from their stats.json, not redone)")
+    if "no such table" in text:
+        return f"{db_path}: an SQLite file, but not a slidejob summary database ({text})"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return (f"{db_path}: locked by another process for over {BUSY_TIMEOUT_S} s ({text}); let it finish, "
+                "or write to another output directory")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")) or "readonly" in text:
+        return (f"{db_path}: cannot be opened for writing ({text}); check its and its directory's "
+                "permissions, or write to another output directory")
+    return f"{db_path}: summary database error: {text}"
+
+
+@contextmanager
+def _as_summary_error(db_path: Path) -> Iterator[None]:
+    """sqlite's errors on the summary database as a one-line :class:`SummaryError` (the cause kept, for the
+    batch's full-disk check and the log)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        # The file or its locks (corrupt, not a database, busy, read-only, I/O); a broken
+        # statement or constraint of ours (IntegrityError, ProgrammingError) is a bug: traceback.
+        if not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError:
+            raise
+        raise SummaryError(_describe(db_path, exc)) from exc
+
+
 def db_path_for(out_dir: Path) -> Path:
     """``<out_dir>/slidejob.sqlite``."""
     return Path(out_dir) / DB_NAME
@@ -162,10 +197,16 @@ def open_database(db_path: Path) -> sqlite3.Connection:
 
     The connection is in autocommit mode; writers open their own transactions
     (``BEGIN IMMEDIATE``).  Raises :class:`SummaryError` for a database written
-    by a newer slidejob.
+    by a newer slidejob, or one that is not a summary database, locked for
+    over :data:`BUSY_TIMEOUT_S` or cannot be written.
     """
     db_path = Path(db_path)
-    conn = sqlite3.connect(db_path, timeout=60, isolation_level=None)
+    with _as_summary_error(db_path):
+        return _open_database(db_path)
+
+
+def _open_database(db_path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL is durable across application crashes in WAL mode; only an OS crash may lose the last commit.
@@ -177,6 +218,13 @@ def open_database(db_path: Path) -> sqlite3.Connection:
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
             ).fetchone()
             if not exists:
+                # Never add our tables to somebody else's database.
+                other = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 3").fetchall()
+                if other:
+                    raise SummaryError(
+                        f"{db_path}: an SQLite file, but not a slidejob summary database (it holds tables "
+                        f"{', '.join(r[0] for r in other)}); it was left as it is: write to another output directory"
+                    )
                 _create_schema(conn)
             conn.execute("COMMIT")
         except BaseException:
@@ -187,6 +235,31 @@ def open_database(db_path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def recorded_fingerprint(db_path: Path, slide_id: str) -> str | None:
+    """The fingerprint recorded for ``slide_id`` with status ok, or None (no such row, or no database)."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        return None
+    conn = open_database(db_path)
+    try:
+        with _as_summary_error(db_path):
+            row = conn.execute("SELECT fingerprint FROM slides WHERE slide_id = ? AND status = 'ok'",
+                               (slide_id,)).fetchone()
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
+def record_from_stats_json(db_path: Path, stats_path: Path) -> None:
+    """Record a slide again from its ``stats.json`` (:func:`slidejob.export.write_stats_json`) as it was recorded.
+
+    How a summary database that was lost or moved aside is rebuilt without redoing
+    slides.  Raises ``OSError`` or ``ValueError`` for a missing or unreadable file.
+    """
+    doc = json.loads(Path(stats_path).read_text())
+    record_slide(db_path, doc["slide"], doc["lesions"])
 
 
 def _check_version(conn: sqlite3.Connection, db_path: Path) -> None:
@@ -324,25 +397,30 @@ def record_slide(
 
     conn = open_database(db_path)
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("DELETE FROM lesions WHERE slide_id = ?", (row["slide_id"],))
-            conn.execute("DELETE FROM slides WHERE slide_id = ?", (row["slide_id"],))
-            cols, lcols = list(SLIDE_COLUMNS), list(LESION_COLUMNS)
-            conn.execute(
-                f"INSERT INTO slides ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [row[c] for c in cols],
-            )
-            conn.executemany(
-                f"INSERT INTO lesions ({', '.join(lcols)}) VALUES ({', '.join('?' * len(lcols))})",
-                lesion_rows,
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        with _as_summary_error(db_path):
+            _replace_slide(conn, row, lesion_rows)
     finally:
         conn.close()
+
+
+def _replace_slide(conn: sqlite3.Connection, row: Mapping[str, Any], lesion_rows: list[tuple[Any, ...]]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DELETE FROM lesions WHERE slide_id = ?", (row["slide_id"],))
+        conn.execute("DELETE FROM slides WHERE slide_id = ?", (row["slide_id"],))
+        cols, lcols = list(SLIDE_COLUMNS), list(LESION_COLUMNS)
+        conn.execute(
+            f"INSERT INTO slides ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            [row[c] for c in cols],
+        )
+        conn.executemany(
+            f"INSERT INTO lesions ({', '.join(lcols)}) VALUES ({', '.join('?' * len(lcols))})",
+            lesion_rows,
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -421,9 +499,14 @@ def connect_readonly(db_path: Path) -> tuple[sqlite3.Connection, _ReadOnlyGuard]
             f"{db_path}: no summary database here; point at an output directory of `slidejob run`"
         )
     uri = f"{db_path.resolve().as_uri()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=60)
-    conn.execute("PRAGMA query_only = ON")
-    _check_version(conn, db_path)
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+    try:
+        with _as_summary_error(db_path):
+            conn.execute("PRAGMA query_only = ON")
+            _check_version(conn, db_path)
+    except BaseException:
+        conn.close()
+        raise
     guard = _ReadOnlyGuard()
     conn.set_authorizer(guard)
     return conn, guard

@@ -98,6 +98,24 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=False)
 
 
+def test_run_into_a_directory_with_a_corrupt_summary_database_stops_before_starting(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    slide = write_slide(tmp_path / "a.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "slidejob.sqlite").write_bytes(b"not a database at all" * 100)
+    proc = run_cli("run", str(slide.path), "--out", str(out), "--weights", str(tiny_model))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        (f"slidejob: error: {out / 'slidejob.sqlite'}: not a usable summary database (file is not a database); "
+         "it was left as it is: move it aside and run again (slides already done are recorded anew from their "
+         "stats.json, not redone)")
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["slidejob.sqlite"]  # no cluster, no slide started
+    assert (out / "slidejob.sqlite").read_bytes() == b"not a database at all" * 100
+
+
 def test_run_onto_a_full_file_system_exits_6_with_one_line(tiny_model: Path, tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "small", "3m") as small:
         slides = tmp_path / "slides"

@@ -227,6 +227,34 @@ def test_rerun_is_skipped_unless_forced(tiny_model: Path, all_tissue_slide, tmp_
     assert changed.status == "ok"  # a different parameter is not "already done"
 
 
+def test_a_lost_summary_database_is_rebuilt_on_rerun_without_redoing_slides(
+    tiny_model: Path, all_tissue_slide, tmp_path: Path
+) -> None:
+    from slidejob import summarydb
+
+    out = tmp_path / "out"
+    first = run_batch([all_tissue_slide.path], out, weights=tiny_model).outcomes[0]
+    db = summarydb.db_path_for(out)
+    rows_sql = "SELECT * FROM slides ORDER BY slide_id"
+    lesions_sql = "SELECT * FROM lesions ORDER BY slide_id, lesion_id"
+    slides, lesions = summarydb.query(db, rows_sql).records(), summarydb.query(db, lesions_sql).rows
+    assert first.status == "ok" and lesions  # the tiny model marks lesions on this slide
+    for p in out.glob(summarydb.DB_NAME + "*"):
+        p.rename(tmp_path / p.name)  # moved aside, as the error for a broken database advises
+    mask_before = (first.out_dir / "mask.ome.zarr").stat().st_mtime_ns
+    again = run_batch([all_tissue_slide.path], out, weights=tiny_model).outcomes[0]
+    assert again.status == "skipped" and (first.out_dir / "mask.ome.zarr").stat().st_mtime_ns == mask_before
+    rebuilt = summarydb.query(db, rows_sql).records()
+    assert [{k: v for k, v in r.items() if k != "recorded_at"} for r in rebuilt] == \
+        [{k: v for k, v in r.items() if k != "recorded_at"} for r in slides]
+    assert summarydb.query(db, lesions_sql).rows == lesions
+    # Without its stats.json a done slide cannot be recorded again: it is done again.
+    db.unlink()
+    (first.out_dir / "stats.json").unlink()
+    redone = run_batch([all_tissue_slide.path], out, weights=tiny_model).outcomes[0]
+    assert redone.status == "ok" and summarydb.query(db, lesions_sql).rows == lesions
+
+
 def test_same_file_name_in_two_folders_gets_two_ids(tiny_model: Path, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -215,6 +215,65 @@ def test_missing_database_names_the_file(tmp_path: Path) -> None:
         summarydb.summary(tmp_path / summarydb.DB_NAME)
 
 
+def test_a_corrupt_database_is_named_and_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / summarydb.DB_NAME
+    junk = b"SQLite format 3\x00" + bytes(range(256)) * 8  # a header, then garbage
+    path.write_bytes(junk)
+    for reading in (lambda: summarydb.summary(path), lambda: summarydb.query(path, "SELECT 1")):
+        with pytest.raises(SummaryError, match=f"^{path}: not a usable summary database .*move it aside"):
+            reading()
+    with pytest.raises(SummaryError, match=f"^{path}: not a usable summary database"):
+        summarydb.record_slide(path, failed_record("a"), [])
+    assert path.read_bytes() == junk
+
+
+def test_another_programs_sqlite_file_is_refused_not_added_to(tmp_path: Path) -> None:
+    path = tmp_path / summarydb.DB_NAME
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE patients (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SummaryError, match="not a slidejob summary database .*patients"):
+        summarydb.record_slide(path, failed_record("a"), [])
+    with pytest.raises(SummaryError, match="not a slidejob summary database"):
+        summarydb.summary(path)
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["patients"]
+    conn.close()
+
+
+def test_a_database_locked_too_long_is_one_line(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(summarydb, "BUSY_TIMEOUT_S", 0.2)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(SummaryError, match=f"^{db}: locked by another process for over 0.2 s"):
+            summarydb.record_slide(db, failed_record("d"), [])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    summarydb.record_slide(db, failed_record("d"), [])  # and fine once it is free
+
+
+def test_a_slide_is_recorded_again_from_its_stats_json(db: Path, tmp_path: Path) -> None:
+    from slidejob.export import write_stats_json
+
+    a = slide_stats(3)
+    stats_json = write_stats_json(tmp_path / "stats.json", ok_record("a", a), a.lesions)
+    sql = "SELECT * FROM slides WHERE slide_id = 'a'"
+    before = summarydb.query(db, sql).records()[0]
+    lesions = summarydb.query(db, "SELECT * FROM lesions ORDER BY lesion_id").rows
+    fresh = tmp_path / "fresh" / summarydb.DB_NAME
+    fresh.parent.mkdir()
+    assert summarydb.recorded_fingerprint(fresh, "a") is None
+    summarydb.record_from_stats_json(fresh, stats_json)
+    after = summarydb.query(fresh, sql).records()[0]
+    assert {k: v for k, v in after.items() if k != "recorded_at"} == \
+        {k: v for k, v in before.items() if k != "recorded_at"}
+    assert summarydb.query(fresh, "SELECT * FROM lesions ORDER BY lesion_id").rows == lesions
+    assert summarydb.recorded_fingerprint(fresh, "a") == "ab" * 8
+
+
 def test_bad_record_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown slide columns"):
         summarydb.record_slide(tmp_path / "x.sqlite", {"slide_id": "a", "status": "ok", "colour": 1}, [])
