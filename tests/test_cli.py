@@ -243,6 +243,72 @@ def test_run_on_an_existing_cluster_by_address_and_by_scheduler_file(tiny_model:
     assert not (tmp_path / "c").exists()
 
 
+def _results(out: Path) -> tuple[list[dict], list[tuple], dict[str, bytes]]:
+    """A run's summary rows (without times), its lesions and its level-0 mask chunks' bytes."""
+    from slidejob import summarydb
+
+    times = {"started_at", "finished_at", "duration_s", "recorded_at"}
+    db = summarydb.db_path_for(out)
+    rows = [{k: v for k, v in r.items() if k not in times}
+            for r in summarydb.query(db, "SELECT * FROM slides ORDER BY slide_id").records()]
+    lesions = summarydb.query(db, "SELECT * FROM lesions ORDER BY slide_id, lesion_id").rows
+    chunks = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/mask.ome.zarr/0/c/*/*"))}
+    return rows, lesions, chunks
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_batch(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[str], Path]:
+    """Three slides, the run options, and the output of a run that nothing interrupted."""
+    base = tmp_path_factory.mktemp("batch")
+    slides = [str(write_slide(base / f"s{i}.tif", 2048, 2048, tissue_boxes=[(0, 0, 2048, 2048)],
+                              cancer_boxes=[(300, 300, 900, 900), (1200, 1000, 1900, 1500)], seed=i,
+                              compression="zlib").path) for i in range(3)]
+    common = ["--weights", str(tiny_model), "--cluster-workers", "1", "--cluster-threads", "2"]
+    assert run_cli("run", *slides, "--out", str(base / "clean"), *common).returncode == 0
+    return slides, common, base / "clean"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["inferring the first slide", "after the first slide", "after two slides"])
+def test_run_killed_9_at_any_moment_then_rerun_loses_and_duplicates_nothing(
+    uninterrupted_batch: tuple[list[str], list[str], Path], tmp_path: Path, moment: str
+) -> None:
+    # Overnight robustness: SIGKILL (no handler runs) with slides in flight, then the same command
+    # again.  Its worker processes must go with it, and the rerun must give exactly what an
+    # uninterrupted run gives: the same rows (one per slide), lesions and mask chunks, no
+    # temporaries left, slides finished before the kill not redone.
+    import signal
+    import time
+
+    import psutil
+
+    slides, common, clean = uninterrupted_batch
+    out = tmp_path / "out"
+    reached = {
+        "inferring the first slide": lambda: bool(list(out.glob("*/.mask.ome.zarr.tmp-*/0/c/*/*"))),
+        "after the first slide": lambda: len(list(out.glob("*/manifest.json"))) >= 1,
+        "after two slides": lambda: len(list(out.glob("*/manifest.json"))) >= 2,
+    }[moment]
+    proc = subprocess.Popen([sys.executable, "-m", "slidejob", "run", *slides, "--out", str(out), *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not reached():
+        time.sleep(0.01)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill; nothing was tested"
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"worker processes outlived the killed run: {[p.pid for p in alive]}"
+    done_before = {m.parent.name: m.stat().st_mtime_ns for m in out.glob("*/manifest.json")}
+    rerun = run_cli("run", *slides, "--out", str(out), *common)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _results(out) == _results(clean)
+    assert {m.parent.name: m.stat().st_mtime_ns for m in out.glob("*/manifest.json")
+            if m.parent.name in done_before} == done_before  # skipped, not redone
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
 @pytest.mark.slow
 def test_run_interrupted_with_slides_in_flight_records_no_failure(tiny_model: Path, tmp_path: Path) -> None:
     # Ctrl-C while two slides are in flight: the command stops promptly, no slide is recorded as
