@@ -322,9 +322,9 @@ def run(
     if halo_px is not None and halo_px % 8:
         raise click.UsageError(f"--halo-px must be a multiple of 8, got {halo_px}")
     # Inputs that hold no slide at all (a mistyped or empty directory) and an output whose summary
-    # database cannot be used fail now, before a cluster starts.
+    # database cannot be used fail now, before a cluster starts (nothing is written yet).
     slides = find_slides(list(inputs))
-    prepare_output_dir(out_dir)
+    prepare_output_dir(out_dir, create=False)
     with dask_client(scheduler=scheduler, scheduler_file=scheduler_file, n_workers=n_workers,
                      threads_per_worker=threads_per_worker) as client:
         click.echo(f"dashboard: {client.dashboard_link}", err=True)

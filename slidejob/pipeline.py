@@ -929,16 +929,19 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def prepare_output_dir(out_dir: Path) -> None:
+def prepare_output_dir(out_dir: Path, *, create: bool = True) -> None:
     """Make the output directory and open its summary database, so that an unusable one stops a batch
     before any slide is done (not after the first, with nowhere to record it).
 
-    Raises :class:`~slidejob.summarydb.SummaryError` for a database that is not slidejob's, is
-    corrupt, locked or cannot be written; it is left as it is.
+    With ``create=False`` (the CLI, before it starts or reaches a cluster) nothing is made: only a
+    database already there is checked.  Raises :class:`~slidejob.summarydb.SummaryError` for a
+    database that is not slidejob's, is corrupt, locked or cannot be written; it is left as it is.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     db_path = summarydb.db_path_for(out_dir)
+    if not create and not db_path.exists():
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         summarydb.open_database(db_path).close()
     except summarydb.SummaryError as exc:
