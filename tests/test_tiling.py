@@ -215,6 +215,31 @@ def test_chunk_writer_reads_what_zarr_reads_and_deletes(tmp_path: Path) -> None:
     assert not mask[:512, :512].any() and chunkstore.stored_chunks(tmp_path / "s.zarr", "0") == {(0, 1), (1, 0), (1, 1)}
 
 
+def test_chunks_that_do_not_compress_are_stored_raw_and_read_back_by_zarr(tmp_path: Path) -> None:
+    image = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3).create_array(
+        "0", shape=(512, 1100, 3), chunks=(512, 512, 3), dtype="uint8", fill_value=255,
+        compressors=chunkstore.image_codecs())
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    noise[::12] = 0  # one row in twelve blank: LZ4 saves ~8 %, like decoded JPEG of busy texture
+    smooth = np.repeat(np.linspace(0, 255, 512, dtype=np.uint8)[None, :, None], 512, axis=0).repeat(3, axis=2)
+    edge = smooth[:, :76]  # a chunk cut at the array's border
+    writer = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0", skip_incompressible=True)
+    for col, data in enumerate((noise, smooth, edge)):
+        writer.write((0, col, 0), data)
+    sizes = [writer._chunk_path((0, col, 0)).stat().st_size for col in range(3)]
+    raw = noise.nbytes
+    assert raw < sizes[0] <= raw + 32  # Blosc's header and a verbatim copy: not worth compressing
+    assert sizes[1] < raw / 4 and sizes[2] < raw / 4  # compressible chunks are compressed
+    np.testing.assert_array_equal(image[:, :512], noise)  # zarr's own Blosc codec reads both kinds
+    np.testing.assert_array_equal(image[:, 512:1024], smooth)
+    np.testing.assert_array_equal(image[:, 1024:], edge)
+    plain = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0")  # the default compresses whatever it gets
+    plain.write((0, 0, 0), noise)
+    assert plain._chunk_path((0, 0, 0)).stat().st_size < 0.95 * raw
+    np.testing.assert_array_equal(image[:, :512], noise)
+
+
 @pytest.mark.parametrize("codec", ["blosc", "zstd"])  # the writer's own path, and zarr's for any other codec
 def test_chunk_writer_read_box_equals_zarr(tmp_path: Path, codec: str) -> None:
     compressors = ([zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")] if codec == "blosc"
