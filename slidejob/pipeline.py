@@ -942,6 +942,8 @@ def prepare_output_dir(out_dir: Path, *, create: bool = True) -> None:
     if not create and not db_path.exists():
         return
     out_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        chunkstore.remove_stale_temporaries(out_dir)  # a killed run's half-written report
     try:
         summarydb.open_database(db_path).close()
     except summarydb.SummaryError as exc:
@@ -1212,22 +1214,32 @@ def _run_one(
         and previous.get("model", {}).get("weights_sha256") == model_info["weights_sha256"]
         and previous.get("parameters") == params.to_dict()
     ):
+        # Done, but the summary database may not say so (it was lost or moved aside): record the slide
+        # again from its stats.json rather than redo it; without a stats.json of this very run, redo it.
         db_path = summarydb.db_path_for(out_dir)
-        if summarydb.recorded_fingerprint(db_path, slide_id) != fingerprint:
-            # Done, but the summary database does not say so (it was lost or moved aside): record the
-            # slide again from its stats.json rather than redo it; without that file, redo it.
-            try:
-                summarydb.record_from_stats_json(db_path, slide_dir / export.STATS_NAME)
-            except summarydb.SummaryError:
-                raise
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("%s: done before, but its %s is unreadable (%s): doing it again",
-                               path, export.STATS_NAME, _one_line(exc))
-                previous = None
+        provenance = {"fingerprint": fingerprint, "weights_sha256": model_info["weights_sha256"],
+                      "parameters": params.to_dict()}
+        try:
+            if summarydb.recorded_provenance(db_path, slide_id) != provenance:
+                try:
+                    summarydb.record_from_stats_json(db_path, slide_dir / export.STATS_NAME,
+                                                     expect={"slide_id": slide_id, **provenance})
+                except summarydb.SummaryError:
+                    raise
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    logger.warning("%s: done before, but not recorded and its %s cannot be (%s): doing it again",
+                                   path, export.STATS_NAME, _one_line(exc))
+                    previous = None
+        except summarydb.SummaryError as exc:
+            _raise_if_storage_full(exc, out_dir, db_path)
+            raise
         if previous is not None:
             return SlideOutcome(str(path), slide_id, "skipped", None, slide_dir, time.perf_counter() - t0, previous)
     try:
         slide_dir.mkdir(parents=True, exist_ok=True)
+        # The slide is being (re)done: a manifest of an earlier run must not outlive the outputs it
+        # describes, or a run killed after replacing them would leave it vouching for the new ones.
+        (slide_dir / MANIFEST_NAME).unlink(missing_ok=True)
         # What a killed run of this slide left under temporary names (a probability store
         # this run will not write included).
         chunkstore.remove_stale_temporaries(slide_dir)

@@ -160,8 +160,10 @@ def _as_summary_error(db_path: Path) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         # The file or its locks (corrupt, not a database, busy, read-only, I/O); a broken
-        # statement or constraint of ours (IntegrityError, ProgrammingError) is a bug: traceback.
-        if not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError:
+        # statement or constraint of ours (IntegrityError, ProgrammingError, and the
+        # OperationalErrors sqlite raises for bad SQL) is a bug: traceback.
+        ours = "no such column" in str(exc) or "syntax error" in str(exc)
+        if ours or (not isinstance(exc, sqlite3.OperationalError) and type(exc) is not sqlite3.DatabaseError):
             raise
         raise SummaryError(_describe(db_path, exc)) from exc
 
@@ -228,7 +230,7 @@ def _open_database(db_path: Path) -> sqlite3.Connection:
                 _create_schema(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         _check_version(conn, db_path)
     except BaseException:
@@ -237,29 +239,49 @@ def _open_database(db_path: Path) -> sqlite3.Connection:
     return conn
 
 
-def recorded_fingerprint(db_path: Path, slide_id: str) -> str | None:
-    """The fingerprint recorded for ``slide_id`` with status ok, or None (no such row, or no database)."""
+#: What says which run a slide's results came from: a manifest, a database row and a stats.json agree on these.
+PROVENANCE = ("fingerprint", "weights_sha256", "parameters")
+
+
+def recorded_provenance(db_path: Path, slide_id: str) -> dict[str, Any] | None:
+    """:data:`PROVENANCE` of ``slide_id``'s row if it is recorded as ok (parameters as a dict), else None."""
     db_path = Path(db_path)
     if not db_path.is_file():
         return None
     conn = open_database(db_path)
     try:
         with _as_summary_error(db_path):
-            row = conn.execute("SELECT fingerprint FROM slides WHERE slide_id = ? AND status = 'ok'",
+            row = conn.execute(f"SELECT {', '.join(PROVENANCE)} FROM slides WHERE slide_id = ? AND status = 'ok'",
                                (slide_id,)).fetchone()
     finally:
         conn.close()
-    return row[0] if row else None
+    if row is None:
+        return None
+    found = dict(zip(PROVENANCE, row))
+    found["parameters"] = json.loads(found["parameters"]) if found["parameters"] else None
+    return found
 
 
-def record_from_stats_json(db_path: Path, stats_path: Path) -> None:
+def record_from_stats_json(db_path: Path, stats_path: Path, *, expect: Mapping[str, Any]) -> None:
     """Record a slide again from its ``stats.json`` (:func:`slidejob.export.write_stats_json`) as it was recorded.
 
     How a summary database that was lost or moved aside is rebuilt without redoing
-    slides.  Raises ``OSError`` or ``ValueError`` for a missing or unreadable file.
+    slides.  ``expect`` holds ``slide_id`` and :data:`PROVENANCE` as the slide's
+    manifest says: a file from another run (killed between writing it and its
+    manifest) is refused.  Raises ``OSError`` for a missing or unreadable file and
+    ``ValueError`` for one that does not match or cannot be recorded (the
+    database is then unchanged).
     """
-    doc = json.loads(Path(stats_path).read_text())
-    record_slide(db_path, doc["slide"], doc["lesions"])
+    stats_path = Path(stats_path)
+    doc = json.loads(stats_path.read_text())
+    slide = doc["slide"]
+    for key, value in expect.items():
+        if slide.get(key) != value:
+            raise ValueError(f"{stats_path}: its {key} is not the one its manifest records")
+    try:
+        record_slide(db_path, slide, doc["lesions"])
+    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError) as exc:
+        raise ValueError(f"{stats_path}: cannot be recorded ({exc})") from exc
 
 
 def _check_version(conn: sqlite3.Connection, db_path: Path) -> None:
@@ -419,8 +441,15 @@ def _replace_slide(conn: sqlite3.Connection, row: Mapping[str, Any], lesion_rows
         )
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # After a full disk or an I/O error sqlite has already rolled back; a ROLLBACK then would fail
+    # with "no transaction is active" and hide the error that matters.
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -499,7 +528,8 @@ def connect_readonly(db_path: Path) -> tuple[sqlite3.Connection, _ReadOnlyGuard]
             f"{db_path}: no summary database here; point at an output directory of `slidejob run`"
         )
     uri = f"{db_path.resolve().as_uri()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+    with _as_summary_error(db_path):
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
     try:
         with _as_summary_error(db_path):
             conn.execute("PRAGMA query_only = ON")

@@ -289,15 +289,20 @@ def test_run_killed_9_at_any_moment_then_rerun_loses_and_duplicates_nothing(
         "after the first slide": lambda: len(list(out.glob("*/manifest.json"))) >= 1,
         "after two slides": lambda: len(list(out.glob("*/manifest.json"))) >= 2,
     }[moment]
-    proc = subprocess.Popen([sys.executable, "-m", "slidejob", "run", *slides, "--out", str(out), *common],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not reached():
-        time.sleep(0.01)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill; nothing was tested"
+    log = tmp_path / "killed-run.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "slidejob", "run", *slides, "--out", str(out), *common],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not reached():
+            time.sleep(0.01)
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {log.read_text()[-3000:]}"
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"worker processes outlived the killed run: {[p.pid for p in alive]}"
     done_before = {m.parent.name: m.stat().st_mtime_ns for m in out.glob("*/manifest.json")}

@@ -248,11 +248,41 @@ def test_a_lost_summary_database_is_rebuilt_on_rerun_without_redoing_slides(
     assert [{k: v for k, v in r.items() if k != "recorded_at"} for r in rebuilt] == \
         [{k: v for k, v in r.items() if k != "recorded_at"} for r in slides]
     assert summarydb.query(db, lesions_sql).rows == lesions
-    # Without its stats.json a done slide cannot be recorded again: it is done again.
-    db.unlink()
-    (first.out_dir / "stats.json").unlink()
-    redone = run_batch([all_tissue_slide.path], out, weights=tiny_model).outcomes[0]
-    assert redone.status == "ok" and summarydb.query(db, lesions_sql).rows == lesions
+    # A stats.json of another run (killed before its manifest) or none: the slide is done again.
+    for spoil in ("other run", "missing"):
+        db.unlink()
+        stats_json = first.out_dir / "stats.json"
+        if spoil == "missing":
+            stats_json.unlink()
+        else:
+            doc = json.loads(stats_json.read_text())
+            doc["slide"]["threshold"] = doc["slide"]["parameters"]["threshold"] = 0.7
+            stats_json.write_text(json.dumps(doc))
+        redone = run_batch([all_tissue_slide.path], out, weights=tiny_model).outcomes[0]
+        assert redone.status == "ok" and summarydb.query(db, lesions_sql).rows == lesions, spoil
+
+
+def test_a_rerun_killed_after_replacing_outputs_leaves_no_manifest_vouching_for_them(
+    tiny_model: Path, all_tissue_slide, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slidejob import summarydb
+
+    out = tmp_path / "out"
+    first = run_batch([all_tissue_slide.path], out, weights=tiny_model).outcomes[0]
+    mask_a = _mask(first)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise SystemExit("killed")  # as kill -9 after the new mask and stats.json are in place
+
+    with monkeypatch.context() as m:
+        m.setattr(summarydb, "record_slide", killed)
+        with pytest.raises(SystemExit):
+            run_batch([all_tissue_slide.path], out, weights=tiny_model, threshold=0.99)
+    assert not (first.out_dir / "manifest.json").exists()
+    assert not np.array_equal(_mask(first), mask_a)  # the other threshold's mask is what is there now
+    again = run_batch([all_tissue_slide.path], out, weights=tiny_model).outcomes[0]
+    assert again.status == "ok"  # redone, not skipped over the other run's mask
+    np.testing.assert_array_equal(_mask(again), mask_a)
 
 
 def test_same_file_name_in_two_folders_gets_two_ids(tiny_model: Path, tmp_path: Path) -> None:

@@ -265,13 +265,42 @@ def test_a_slide_is_recorded_again_from_its_stats_json(db: Path, tmp_path: Path)
     lesions = summarydb.query(db, "SELECT * FROM lesions ORDER BY lesion_id").rows
     fresh = tmp_path / "fresh" / summarydb.DB_NAME
     fresh.parent.mkdir()
-    assert summarydb.recorded_fingerprint(fresh, "a") is None
-    summarydb.record_from_stats_json(fresh, stats_json)
+    provenance = {"fingerprint": "ab" * 8, "weights_sha256": "c" * 64,
+                  "parameters": {"tile_overlap_px": 64, "model": "unet"}}
+    assert summarydb.recorded_provenance(fresh, "a") is None
+    # A stats.json of another run than the manifest's (other parameters) is refused, nothing recorded.
+    with pytest.raises(ValueError, match="stats.json: its parameters is not the one its manifest records"):
+        summarydb.record_from_stats_json(fresh, stats_json,
+                                         expect={"slide_id": "a", **provenance, "parameters": {"model": "x"}})
+    assert summarydb.recorded_provenance(fresh, "a") is None
+    summarydb.record_from_stats_json(fresh, stats_json, expect={"slide_id": "a", **provenance})
     after = summarydb.query(fresh, sql).records()[0]
     assert {k: v for k, v in after.items() if k != "recorded_at"} == \
         {k: v for k, v in before.items() if k != "recorded_at"}
     assert summarydb.query(fresh, "SELECT * FROM lesions ORDER BY lesion_id").rows == lesions
-    assert summarydb.recorded_fingerprint(fresh, "a") == "ab" * 8
+    assert summarydb.recorded_provenance(fresh, "a") == provenance
+
+
+def test_a_stats_json_that_cannot_be_recorded_is_a_value_error_and_changes_nothing(db: Path, tmp_path: Path) -> None:
+    from slidejob.export import write_stats_json
+
+    a = slide_stats(2)
+    lesions = [les.to_dict() for les in a.lesions]
+    lesions[1]["lesion_id"] = lesions[0]["lesion_id"]  # a duplicate: the database's key refuses it
+    stats_json = write_stats_json(tmp_path / "stats.json", ok_record("a", a), lesions)
+    rows = summarydb.query(db, "SELECT * FROM lesions ORDER BY lesion_id").rows
+    with pytest.raises(ValueError, match="stats.json: cannot be recorded"):
+        summarydb.record_from_stats_json(db, stats_json, expect={"slide_id": "a"})
+    assert summarydb.query(db, "SELECT * FROM lesions ORDER BY lesion_id").rows == rows
+
+
+def test_our_own_sql_mistakes_keep_their_traceback(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="no such column"), summarydb._as_summary_error(db):
+            conn.execute("SELECT colour FROM slides")
+    finally:
+        conn.close()
 
 
 def test_bad_record_is_refused(tmp_path: Path) -> None:
