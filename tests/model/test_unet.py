@@ -99,6 +99,14 @@ def test_a_margin_gives_the_full_outputs_centre(norm: str, shape: tuple[int, ...
                                rtol=0, atol=1e-5)
 
 
+def test_a_margin_while_training_gives_the_full_outputs_centre() -> None:
+    # Batch norm normalises by the batch's own statistics while training: nothing may be cropped.
+    torch.manual_seed(3)
+    net = UNet(base_channels=4).train()
+    image = torch.randn(2, 3, 64, 80)
+    torch.testing.assert_close(net(image, 16), net(image)[:, :, 16:48, 16:64])
+
+
 @pytest.mark.parametrize("margin_px", [-8, 4, 12, 32])
 def test_a_bad_margin_raises(margin_px: int) -> None:
     with pytest.raises(ValueError, match="margin"):
