@@ -239,6 +239,9 @@ def test_a_lost_summary_database_is_rebuilt_on_rerun_without_redoing_slides(
     lesions_sql = "SELECT * FROM lesions ORDER BY slide_id, lesion_id"
     slides, lesions = summarydb.query(db, rows_sql).records(), summarydb.query(db, lesions_sql).rows
     assert first.status == "ok" and lesions  # the tiny model marks lesions on this slide
+    # A plain rerun skips the slide and leaves its row alone (its provenance matches the manifest's).
+    assert run_batch([all_tissue_slide.path], out, weights=tiny_model).outcomes[0].status == "skipped"
+    assert summarydb.query(db, rows_sql).records() == slides
     for p in out.glob(summarydb.DB_NAME + "*"):
         p.rename(tmp_path / p.name)  # moved aside, as the error for a broken database advises
     mask_before = (first.out_dir / "mask.ome.zarr").stat().st_mtime_ns
