@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import logging
 import os
 import shutil
@@ -940,6 +941,7 @@ def prepare_output_dir(out_dir: Path, *, create: bool = True) -> None:
     out_dir = Path(out_dir)
     db_path = summarydb.db_path_for(out_dir)
     if not create and not db_path.exists():
+        _check_writable(out_dir)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     if create:
@@ -949,6 +951,19 @@ def prepare_output_dir(out_dir: Path, *, create: bool = True) -> None:
     except summarydb.SummaryError as exc:
         _raise_if_storage_full(exc, out_dir, db_path)  # a full disk keeps its own exit status
         raise
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Raise the ``OSError`` that making ``out_dir`` would meet (read-only file system, no permission), making nothing."""
+    existing = out_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out_dir))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
 
 
 def run_batch(

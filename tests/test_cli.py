@@ -116,6 +116,22 @@ def test_run_into_a_directory_with_a_corrupt_summary_database_stops_before_start
     assert (out / "slidejob.sqlite").read_bytes() == b"not a database at all" * 100
 
 
+def test_run_onto_a_read_only_file_system_stops_before_starting(tiny_model: Path, tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "a.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        proc = run_cli("run", str(slide.path), "--out", str(ro / "out"), "--weights", str(tiny_model))
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # One line, and no cluster was started for nothing (it would have printed its dashboard).
+    assert proc.stderr.strip().splitlines() == [f"slidejob: error: {ro / 'out'}: Read-only file system"]
+
+
 def test_run_onto_a_full_file_system_exits_6_with_one_line(tiny_model: Path, tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "small", "3m") as small:
         slides = tmp_path / "slides"
