@@ -940,17 +940,14 @@ def prepare_output_dir(out_dir: Path, *, create: bool = True) -> None:
     """
     out_dir = Path(out_dir)
     db_path = summarydb.db_path_for(out_dir)
-    if not create and not db_path.exists():
+    if create:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        chunkstore.remove_stale_temporaries(out_dir)  # a killed run's half-written report
+    elif not db_path.exists():
         _check_writable(out_dir)
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if create:
-        chunkstore.remove_stale_temporaries(out_dir)  # a killed run's half-written report
-    try:
+    with _storage_full_stops_batch(out_dir, db_path):  # a full disk keeps its own exit status
         summarydb.open_database(db_path).close()
-    except summarydb.SummaryError as exc:
-        _raise_if_storage_full(exc, out_dir, db_path)  # a full disk keeps its own exit status
-        raise
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -1177,6 +1174,36 @@ def _raise_if_storage_full(exc: BaseException, out_dir: Path, path: Path) -> Non
         ) from exc
 
 
+@contextlib.contextmanager
+def _storage_full_stops_batch(out_dir: Path, path: Path) -> Iterator[None]:
+    """Errors pass through unchanged, except one caused by a full output file system: :class:`OutputStorageFull`."""
+    try:
+        yield
+    except Exception as exc:
+        _raise_if_storage_full(exc, out_dir, path)
+        raise
+
+
+def _record_done_slide(db_path: Path, slide_dir: Path, slide_id: str, provenance: dict[str, Any], path: Path) -> bool:
+    """See that the summary database records a slide skipped as done; False when it cannot (redo the slide).
+
+    A database that was lost or moved aside lacks the row: it is recorded again from the slide's
+    stats.json, if that file is of the run the manifest describes (``provenance``).
+    """
+    if summarydb.recorded_provenance(db_path, slide_id) == provenance:
+        return True
+    try:
+        summarydb.record_from_stats_json(db_path, slide_dir / export.STATS_NAME,
+                                         expect={"slide_id": slide_id, **provenance})
+    except summarydb.SummaryError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("%s: done before, but not recorded and its %s cannot be (%s): doing it again",
+                       path, export.STATS_NAME, _one_line(exc))
+        return False
+    return True
+
+
 def trim_heap() -> None:
     """Hand this process's free heap back to the OS (glibc's ``malloc_trim``; elsewhere nothing)."""
     import ctypes
@@ -1229,25 +1256,12 @@ def _run_one(
         and previous.get("model", {}).get("weights_sha256") == model_info["weights_sha256"]
         and previous.get("parameters") == params.to_dict()
     ):
-        # Done, but the summary database may not say so (it was lost or moved aside): record the slide
-        # again from its stats.json rather than redo it; without a stats.json of this very run, redo it.
         db_path = summarydb.db_path_for(out_dir)
         provenance = {"fingerprint": fingerprint, "weights_sha256": model_info["weights_sha256"],
                       "parameters": params.to_dict()}
-        try:
-            if summarydb.recorded_provenance(db_path, slide_id) != provenance:
-                try:
-                    summarydb.record_from_stats_json(db_path, slide_dir / export.STATS_NAME,
-                                                     expect={"slide_id": slide_id, **provenance})
-                except summarydb.SummaryError:
-                    raise
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    logger.warning("%s: done before, but not recorded and its %s cannot be (%s): doing it again",
-                                   path, export.STATS_NAME, _one_line(exc))
-                    previous = None
-        except summarydb.SummaryError as exc:
-            _raise_if_storage_full(exc, out_dir, db_path)
-            raise
+        with _storage_full_stops_batch(out_dir, db_path):
+            if not _record_done_slide(db_path, slide_dir, slide_id, provenance, path):
+                previous = None
         if previous is not None:
             return SlideOutcome(str(path), slide_id, "skipped", None, slide_dir, time.perf_counter() - t0, previous)
     try:
@@ -1420,14 +1434,11 @@ def _run_one(
         weights_sha256=model_info["weights_sha256"], threshold=params.threshold, parameters=params.to_dict(),
         started_at=started, finished_at=finished,
     )
-    try:
+    with _storage_full_stops_batch(out_dir, path):
         if slide_stats is not None:
             export.write_stats_json(slide_dir / export.STATS_NAME, record, slide_stats.lesions)
         # The database is written by this (the client) process only; the manifest goes last, so a
         # manifest saying "ok" means every other output of the slide is in place.
         summarydb.record_slide(summarydb.db_path_for(out_dir), record, slide_stats.lesions if slide_stats else [])
         _write_json_atomic(slide_dir / MANIFEST_NAME, manifest)
-    except Exception as exc:
-        _raise_if_storage_full(exc, out_dir, path)
-        raise
     return SlideOutcome(str(path), slide_id, manifest["status"], manifest["error"], slide_dir, seconds, manifest)
