@@ -141,8 +141,6 @@ def _describe(db_path: Path, exc: sqlite3.Error) -> str:
     if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in text or "malformed" in text:
         return (f"{db_path}: not a usable summary database ({text}); it was left as it is: move it aside "
                 "and run again (slides already done are recorded anew from their stats.json, not redone)")
-    if "no such table" in text:
-        return f"{db_path}: an SQLite file, but not a slidejob summary database ({text})"
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
         return (f"{db_path}: locked by another process for over {BUSY_TIMEOUT_S} s ({text}); let it finish, "
                 "or write to another output directory")
@@ -216,17 +214,11 @@ def _open_database(db_path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            exists = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-            ).fetchone()
-            if not exists:
+            if not _has_schema(conn):
                 # Never add our tables to somebody else's database.
                 other = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 3").fetchall()
                 if other:
-                    raise SummaryError(
-                        f"{db_path}: an SQLite file, but not a slidejob summary database (it holds tables "
-                        f"{', '.join(r[0] for r in other)}); it was left as it is: write to another output directory"
-                    )
+                    raise _not_ours(db_path, f"it holds tables {', '.join(r[0] for r in other)}")
                 _create_schema(conn)
             conn.execute("COMMIT")
         except BaseException:
@@ -284,7 +276,20 @@ def record_from_stats_json(db_path: Path, stats_path: Path, *, expect: Mapping[s
         raise ValueError(f"{stats_path}: cannot be recorded ({exc})") from exc
 
 
+def _has_schema(conn: sqlite3.Connection) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone() is not None
+
+
+def _not_ours(db_path: Path, why: str) -> SummaryError:
+    return SummaryError(f"{db_path}: an SQLite file, but not a slidejob summary database ({why}); it was left "
+                        "as it is: write to another output directory")
+
+
 def _check_version(conn: sqlite3.Connection, db_path: Path) -> None:
+    if not _has_schema(conn):
+        raise _not_ours(db_path, "no schema_version table")
     row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
     version = row[0] if row else None
     if version != SCHEMA_VERSION:
