@@ -50,7 +50,7 @@ import numpy as np
 import psutil
 
 from slidejob import config
-from slidejob.geometry import forward_shape, halo_for
+from slidejob.geometry import forward_margin, forward_shape, halo_for
 from slidejob.model import ModelCard, resolve_model_paths
 from slidejob.pipeline import dask_client, local_cluster_shape, run_batch, worker_environ
 from slidejob.synthetic import write_slide
@@ -94,7 +94,7 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
     side_hw = (side_px, side_px) if isinstance(side_px, int) else side_px
     kept_hw = (kept_px, kept_px) if isinstance(kept_px, int) else kept_px
     # The halo's outputs are not wanted, as in the pipeline's forwards (UNet.forward's margin).
-    margin_px = min(s - k for s, k in zip(side_hw, kept_hw)) // 2 // 8 * 8
+    margin_px = forward_margin(min(s - k for s, k in zip(side_hw, kept_hw)) // 2)
     tile = np.random.default_rng(0).integers(0, 255, (1, *side_hw, 3), dtype=np.uint8)
     model.predict_proba(tile, margin_px)  # warm-up
     stop = time.perf_counter() + seconds
@@ -153,7 +153,7 @@ def gpu_limit(card: Path | None, *, side_px: int = 512, kept_px: int = 512, batc
     # measured for the record: whether cuDNN's default choice of kernels costs the forward anything.
     model = load_model(card, None, device="cuda", precision=precision, channels_last=channels_last)
     tiles = np.random.default_rng(0).integers(0, 255, (batch, side_px, side_px, 3), dtype=np.uint8)
-    margin_px = (side_px - kept_px) // 2 // 8 * 8  # the halo's outputs are not wanted, as in the pipeline
+    margin_px = forward_margin((side_px - kept_px) // 2)  # the halo's outputs are not wanted, as in the pipeline
     torch.backends.cudnn.benchmark = cudnn_benchmark
     try:
         for _ in range(3):

@@ -38,6 +38,19 @@ def halo_for(receptive_radius_px: int, halo_px: int | None = None) -> int:
     return halo_px
 
 
+def forward_margin(halo_px: int) -> int:
+    """The border of a forward's input whose outputs need not be computed: the halo, rounded down to 8.
+
+    Every window has the whole halo before its kept rectangle (reflect-padded at the slide's borders)
+    and at least that after it; the U-Net skips a margin in steps of its 8-px pooling grid
+    (:meth:`slidejob.model.UNet.forward`).
+
+    >>> forward_margin(56), forward_margin(60), forward_margin(7)
+    (56, 56, 0)
+    """
+    return halo_px // 8 * 8
+
+
 def tissue_rectangles(grid: npt.NDArray[np.bool_]) -> list[Rect]:
     """Cover the True cells of a small grid with disjoint rectangles, no False cell included.
 

@@ -251,9 +251,7 @@ def infer_blocks(
     probs8 = [np.zeros(hw, np.uint8) for hw in shapes] if prob_writer is not None else None
     _lap(stage_s, "read", t)
 
-    # Every window has the whole halo before its kept rectangle (reflect-padded at the slide's
-    # borders) and at least that after it, so the forwards need not return the halo's outputs.
-    margin_px = halo_px // 8 * 8
+    margin_px = geometry.forward_margin(halo_px)  # the forwards need not return the halo's outputs
 
     def place(i: int, p: npt.NDArray[np.float32]) -> None:
         # Keep the window's centre: thresholded (and clipped off glass) into the block's mask canvas.
