@@ -86,10 +86,11 @@ def test_run_on_a_directory_without_slides_is_bad_input(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A real file system of ``size`` at ``path`` that fills up, where this machine lets the tests mount one."""
+def small_tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
+    """A real file system of ``size`` at ``path`` that fills up (or is read-only), where this machine lets the tests mount one."""
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+    options = f"ro,size={size}" if read_only else f"size={size}"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
                       check=False).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
@@ -118,15 +119,8 @@ def test_run_into_a_directory_with_a_corrupt_summary_database_stops_before_start
 
 def test_run_onto_a_read_only_file_system_stops_before_starting(tiny_model: Path, tmp_path: Path) -> None:
     slide = write_slide(tmp_path / "a.tif", 600, 600, tissue_boxes=[(0, 0, 600, 600)])
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True,
-                      check=False).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
         proc = run_cli("run", str(slide.path), "--out", str(ro / "out"), "--weights", str(tiny_model))
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     # One line, and no cluster was started for nothing (it would have printed its dashboard).
     assert proc.stderr.strip().splitlines() == [f"slidejob: error: {ro / 'out'}: Read-only file system"]
