@@ -5,14 +5,15 @@ Layout of ``OUT.zarr`` (a Zarr v3 group)::
     OUT.zarr/
       zarr.json            group attributes under "slidejob": slide metadata,
                            tissue grid, parameters, "complete": true
-      0/                   level 0, (H, W, 3) uint8, chunks (512, 512, 3);
+      0/                   level 0, (H, W, 3) uint8, chunks (512, 512, 3), by default
+                           in shards of one tiling task's block (4 × 4 chunks, one file);
                            background chunks are absent (read as fill 255, glass)
       tissue_fraction/     (ceil(H/512), ceil(W/512)) float32 per-chunk tissue fraction
 
 Every store is built under a hidden temporary name beside its destination and
 renamed into place only when complete, so an interrupted run never leaves
 something that looks finished.  Chunk writes are idempotent: a task writes
-only its own chunks, so a retried task rewrites the same bytes.
+only its own chunks (its own shard), so a retried task rewrites the same bytes.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +49,8 @@ LEVEL0 = "0"
 TISSUE_FRACTION = "tissue_fraction"
 #: Absent chunks read as white, i.e. glass, so a viewer shows background as a slide would.
 IMAGE_FILL = 255
+#: The sharding index's offset and size of an absent chunk.
+_ABSENT = 2**64 - 1
 
 
 def image_codecs() -> list[Any]:
@@ -224,15 +228,31 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def create_image_store(
-    path: Path, *, height_px: int, width_px: int, attributes: dict[str, Any], tissue_fraction: npt.NDArray[np.float32]
+    path: Path,
+    *,
+    height_px: int,
+    width_px: int,
+    attributes: dict[str, Any],
+    tissue_fraction: npt.NDArray[np.float32],
+    shard_chunks: int = 1,
 ) -> zarr.Group:
-    """Create the group, the empty level-0 array and the tissue-fraction array."""
+    """Create the group, the empty level-0 array and the tissue-fraction array.
+
+    With ``shard_chunks`` > 1 level 0 is sharded: each file holds a shard of
+    ``shard_chunks``² chunks (zarr's ``sharding_indexed`` codec), which stay
+    512×512×3 and separately compressed, so a reader still fetches one chunk
+    at a time.  One file per tiling task instead of one per chunk: a 100k²
+    slide's store is ~2,400 files instead of ~38,000 (a parallel file system
+    pays per file), and creating one file for 16 chunks costs the kernel far
+    less than 16 (bench/bench_tile.py: tiling ran 1.5× faster on this VM).
+    """
     root = zarr.open_group(path, mode="w", zarr_format=3)
     root.attrs["slidejob"] = attributes
     root.create_array(
         LEVEL0,
         shape=(height_px, width_px, 3),
         chunks=(CHUNK_PX, CHUNK_PX, 3),
+        shards=(shard_chunks * CHUNK_PX, shard_chunks * CHUNK_PX, 3) if shard_chunks > 1 else None,
         dtype="uint8",
         fill_value=IMAGE_FILL,
         compressors=image_codecs(),
@@ -260,11 +280,16 @@ class ChunkWriter:
 
     ``zarr.Array.__setitem__`` costs ~2 ms of bookkeeping per chunk, as much
     as decoding the JPEG tiles the chunk came from, so tiling through it runs
-    at half the decode limit.  For the one layout slidejob writes (regular
-    grid, default ``/`` chunk keys, ``bytes`` + ``blosc`` codecs) this writer
-    encodes each chunk with the same numcodecs Blosc compressor zarr uses and
-    writes it to its key directly; any other layout goes through
-    ``zarr.Array.__setitem__``.  The result is read back through zarr in the tests.
+    at half the decode limit.  For the layouts slidejob writes (regular grid,
+    default chunk keys, ``bytes`` + ``blosc`` codecs, optionally inside
+    zarr's ``sharding_indexed`` codec with its default index: little-endian
+    offsets and sizes, crc32c, at the end) this writer encodes each chunk with
+    the same numcodecs Blosc compressor zarr uses and writes it to its key (or
+    its shard) directly; any other layout goes through ``zarr.Array``.  The
+    result is read back through zarr in the tests.
+
+    In a sharded array ``chunks`` is the inner (read) chunk shape and
+    :attr:`shard_shape` the shape each file holds.
     """
 
     #: With ``skip_incompressible``, a chunk is stored uncompressed (Blosc's own memcpy frame, which
@@ -275,18 +300,32 @@ class ChunkWriter:
         self.array_path = Path(array_path)
         meta = json.loads((self.array_path / "zarr.json").read_text())
         self.shape = tuple(meta["shape"])
-        self.chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        grid_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.fill_value = meta["fill_value"]
         self.dtype = np.dtype(meta["data_type"])
         codecs = meta["codecs"]
         key = meta["chunk_key_encoding"]
         self._separator = _key_separator(meta)
+        #: The shape one file holds, in a sharded array; None where each chunk is a file of its own.
+        self.shard_shape: tuple[int, ...] | None = None
+        plain_index = True
+        if [c["name"] for c in codecs] == ["sharding_indexed"]:
+            sharding = codecs[0]["configuration"]
+            self.shard_shape = grid_shape
+            self.chunks = tuple(sharding["chunk_shape"])
+            codecs = sharding["codecs"]
+            plain_index = _plain_shard_index(sharding)
+        else:
+            self.chunks = grid_shape
+        #: Chunks per shard along each axis (all ones without sharding).
+        self._per_shard = tuple(s // c for s, c in zip(self.shard_shape or self.chunks, self.chunks))
         self._blosc: numcodecs.Blosc | None = None
         if (
             [c["name"] for c in codecs] == ["bytes", "blosc"]
             and key["name"] == "default"
             and self._separator in ("/", ".")
             and self.dtype.itemsize == 1
+            and plain_index
         ):
             cfg = codecs[1]["configuration"]
             shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
@@ -298,31 +337,102 @@ class ChunkWriter:
             self._raw = numcodecs.Blosc(cname=self._blosc.cname, clevel=0, shuffle=numcodecs.Blosc.NOSHUFFLE)
         self._array: zarr.Array | None = None
 
-    def _chunk_path(self, index: tuple[int, ...]) -> Path:
-        # zarr v3 "default" chunk keys: "c" and the chunk's coordinates, joined by the separator.
+    def _key_path(self, key_index: tuple[int, ...]) -> Path:
+        # zarr v3 "default" keys: "c" and the grid coordinates (of a chunk, or of a shard), joined by the separator.
         if self._separator == "/":
-            return self.array_path.joinpath("c", *map(str, index))
-        return self.array_path / self._separator.join(["c", *map(str, index)])
+            return self.array_path.joinpath("c", *map(str, key_index))
+        return self.array_path / self._separator.join(["c", *map(str, key_index)])
+
+    def _shard_of(self, index: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(i // n for i, n in zip(index, self._per_shard))
+
+    def _chunk_path(self, index: tuple[int, ...]) -> Path:
+        """The file that holds chunk ``index``: its own, or its shard's."""
+        return self._key_path(self._shard_of(index))
 
     def write(self, index: tuple[int, ...], data: npt.NDArray[Any]) -> None:
-        """Write chunk ``index`` (grid coordinates); ``data`` may be smaller than a chunk at the array's edge."""
-        if self._blosc is None:
+        """Write chunk ``index`` (grid coordinates); ``data`` may be smaller than a chunk at the array's edge.
+
+        In a sharded array this rewrites the chunk's shard through zarr: write
+        whole shards with :meth:`write_shard` instead.
+        """
+        if self._blosc is None or self.shard_shape is not None:
             sel = tuple(slice(i * c, i * c + n) for i, c, n in zip(index, self.chunks, data.shape))
             self._zarr_array()[sel] = data
             return
+        self._write_file(self._key_path(index), [self._encode(data)])
+
+    def write_shard(self, chunks: Iterable[tuple[tuple[int, ...], npt.NDArray[Any]]]) -> None:
+        """Write ``(index, data)`` chunks that make up one shard: its other chunks become absent.
+
+        Each chunk is encoded as it comes and the shard's file is written once,
+        with its index, when the last has come: the file's bytes are a function
+        of the chunks alone, so a retried task rewrites the same file.  Without
+        sharding each chunk is written to its own file as it comes.
+        """
+        if self.shard_shape is None:
+            for index, data in chunks:
+                self.write(index, data)
+            return
+        if self._blosc is None:  # a layout of someone else's: the shard's box, assembled, through zarr
+            shard: tuple[int, ...] | None = None
+            full: npt.NDArray[Any] | None = None
+            for index, data in chunks:
+                shard = self._same_shard(shard, index)
+                if full is None:
+                    full = np.full(self.shard_shape, self.fill_value, dtype=self.dtype)
+                local = tuple(slice((i % n) * c, (i % n) * c + d) for i, n, c, d in
+                              zip(index, self._per_shard, self.chunks, data.shape))
+                full[local] = data
+            if shard is not None and full is not None:
+                origin = [s * n for s, n in zip(shard, self.shard_shape)]
+                sel = tuple(slice(o, min(o + n, size)) for o, n, size in zip(origin, self.shard_shape, self.shape))
+                self._zarr_array()[sel] = full[tuple(slice(0, s.stop - s.start) for s in sel)]
+            return
+        # The sharding codec's index: (offset, size) per chunk in C order, 2^64-1 for an absent chunk,
+        # little-endian, then its crc32c; at the end of the file.
+        offsets = np.full((*self._per_shard, 2), _ABSENT, dtype="<u8")
+        parts: list[bytes] = []
+        shard = None
+        position = 0
+        for index, data in chunks:
+            shard = self._same_shard(shard, index)
+            encoded = self._encode(data)
+            offsets[tuple(i % n for i, n in zip(index, self._per_shard))] = (position, len(encoded))
+            parts.append(encoded)
+            position += len(encoded)
+        if shard is None:
+            return
+        index_bytes = offsets.tobytes()
+        parts += [index_bytes, np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()]
+        self._write_file(self._key_path(shard), parts)
+
+    def _same_shard(self, shard: tuple[int, ...] | None, index: tuple[int, ...]) -> tuple[int, ...]:
+        """``index``'s shard, which must be ``shard`` when that is not None."""
+        own = self._shard_of(index)
+        if shard is not None and own != shard:
+            raise ValueError(f"{self.array_path}: chunk {index} is not in shard {shard}")
+        return own
+
+    def _encode(self, data: npt.NDArray[Any]) -> bytes:
+        assert self._blosc is not None
         if data.shape != self.chunks:
             full = np.full(self.chunks, self.fill_value, dtype=self.dtype)
             full[tuple(slice(0, n) for n in data.shape)] = data
             data = full
         data = np.ascontiguousarray(data, dtype=self.dtype)
         codec = self._raw if self._raw is not None and not self._worth_compressing(data) else self._blosc
-        encoded = codec.encode(data)
-        path = self._chunk_path(index)
+        return bytes(codec.encode(data))
+
+    @staticmethod
+    def _write_file(path: Path, parts: list[bytes]) -> None:
         try:
-            path.write_bytes(encoded)
+            f = open(path, "wb")  # noqa: SIM115 - opened in one of two places, closed below
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encoded)
+            f = open(path, "wb")  # noqa: SIM115
+        with f:
+            f.writelines(parts)
 
     def _worth_compressing(self, data: npt.NDArray[Any]) -> bool:
         """Whether the compressor saves at least :attr:`MIN_SAVING` on four 16 KB samples of ``data``.
@@ -357,16 +467,87 @@ class ChunkWriter:
         """
         if self._blosc is None:
             return np.array(self._zarr_array()[box])
-        return read_chunked(box, self.shape, self.chunks, self._stored, dtype=self.dtype, fill_value=self.fill_value)
+        if self.shard_shape is None:
+            read_chunk = self._stored
+        else:
+            indexes: dict[tuple[int, ...], npt.NDArray[np.uint64] | None] = {}  # each shard's, read once a box
+
+            def read_chunk(index: tuple[int, ...]) -> npt.NDArray[Any] | None:
+                return self._stored_in_shard(index, indexes)
+
+        return read_chunked(box, self.shape, self.chunks, read_chunk, dtype=self.dtype, fill_value=self.fill_value)
+
+    def _decode(self, encoded: bytes) -> npt.NDArray[Any]:
+        assert self._blosc is not None
+        return np.frombuffer(self._blosc.decode(encoded), dtype=self.dtype).reshape(self.chunks)
 
     def _stored(self, index: tuple[int, ...]) -> npt.NDArray[Any] | None:
         """The whole stored chunk ``index`` (read-only), or None where it is absent."""
-        assert self._blosc is not None
         try:
-            encoded = self._chunk_path(index).read_bytes()
+            encoded = self._key_path(index).read_bytes()
         except FileNotFoundError:
             return None
-        return np.frombuffer(self._blosc.decode(encoded), dtype=self.dtype).reshape(self.chunks)
+        return self._decode(encoded)
+
+    def _stored_in_shard(
+        self, index: tuple[int, ...], indexes: dict[tuple[int, ...], npt.NDArray[np.uint64] | None]
+    ) -> npt.NDArray[Any] | None:
+        """Chunk ``index`` from its shard (read-only), or None where it is absent; ``indexes`` caches shard indexes."""
+        shard = self._shard_of(index)
+        if shard not in indexes:
+            indexes[shard] = self._shard_index(shard)
+        offsets = indexes[shard]
+        if offsets is None:
+            return None
+        offset, nbytes = (int(v) for v in offsets[tuple(i % n for i, n in zip(index, self._per_shard))])
+        if offset == _ABSENT:
+            return None
+        with open(self._key_path(shard), "rb") as f:
+            f.seek(offset)
+            encoded = f.read(nbytes)
+        if len(encoded) != nbytes:
+            raise ValueError(f"{self._key_path(shard)}: shard is shorter than its index says")
+        return self._decode(encoded)
+
+    def _shard_index(self, shard: tuple[int, ...]) -> npt.NDArray[np.uint64] | None:
+        """A shard's (offset, size) per chunk, checked against its crc32c; None where the shard is absent."""
+        size = int(np.prod(self._per_shard)) * 16 + 4
+        path = self._key_path(shard)
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() < size:
+                    raise ValueError(f"{path}: shard is shorter than its index")
+                f.seek(-size, os.SEEK_END)
+                raw = f.read(size)
+        except FileNotFoundError:
+            return None
+        if np.frombuffer(raw[-4:], "<u4")[0] != google_crc32c.value(raw[:-4]):
+            raise ValueError(f"{path}: shard index fails its crc32c check")
+        return np.frombuffer(raw[:-4], "<u8").reshape(*self._per_shard, 2)
+
+    def stored_indices(self) -> set[tuple[int, ...]]:
+        """The grid indices of the chunks present in the array."""
+        ndim = len(self.shape)
+        # Each key's grid coordinates: "c.<row>.<col>[.0]" or "c/<row>/<col>[/0]".
+        if self._separator == ".":
+            keys = [p.name.split(".")[1:] for p in self.array_path.glob("c." + ".".join(["*"] * ndim))]
+        else:
+            chunk_dir = self.array_path / "c"
+            keys = [list(p.relative_to(chunk_dir).parts) for p in chunk_dir.glob("/".join(["*"] * ndim))]
+        key_indices = [tuple(int(k) for k in key) for key in keys]
+        if self.shard_shape is None:
+            return set(key_indices)
+        if self._blosc is None:
+            raise ValueError(f"{self.array_path}: a shard layout slidejob does not read")
+        present: set[tuple[int, ...]] = set()
+        for shard in key_indices:
+            offsets = self._shard_index(shard)
+            if offsets is None:
+                continue
+            for local in zip(*np.nonzero(offsets[..., 0] != _ABSENT)):
+                present.add(tuple(s * n + int(i) for s, n, i in zip(shard, self._per_shard, local)))
+        return present
 
     def _zarr_array(self) -> zarr.Array:
         if self._array is None:
@@ -375,11 +556,11 @@ class ChunkWriter:
 
     def delete(self, index: tuple[int, ...]) -> None:
         """Remove chunk ``index`` (it then reads as the fill value); absent already is fine."""
-        if self._blosc is None:
+        if self._blosc is None or self.shard_shape is not None:
             sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks))
             self._zarr_array()[sel] = self.fill_value
             return
-        self._chunk_path(index).unlink(missing_ok=True)
+        self._key_path(index).unlink(missing_ok=True)
 
 
 def write_chunks(
@@ -394,10 +575,11 @@ def write_chunks(
     """Write the chunks of level 0 in the box at ``(y0, x0)``, each read with ``read_region(y, x, height, width)``.
 
     Chunks flagged in ``background`` (the box's chunk grid) are neither read
-    nor written: they stay absent.  One chunk at a time: given a slide reader's
-    ``read_region``, each chunk's source tiles are copied straight into its own
-    contiguous buffer, compressed and written while still in cache (cutting
-    chunks out of a whole 2048² box, 12.6 MB, copied every pixel once more);
+    nor written: they stay absent.  In a sharded store the box is one whole
+    shard.  One chunk at a time: given a slide reader's ``read_region``, each
+    chunk's source tiles are copied straight into its own contiguous buffer
+    and compressed while still in cache (cutting chunks out of a whole 2048²
+    box, 12.6 MB, copied every pixel once more);
     ``read_region`` may also cut from a box read once (see
     :func:`slidejob.pipeline._tile_block` for when).  Returns the bytes of pixels written.
     """
@@ -405,15 +587,20 @@ def write_chunks(
     writer = ChunkWriter(Path(path) / LEVEL0, skip_incompressible=True)
     cy0, cx0 = y0 // CHUNK_PX, x0 // CHUNK_PX
     written = 0
-    for cy in range(background.shape[0]):
-        for cx in range(background.shape[1]):
-            h = min(CHUNK_PX, height_px - cy * CHUNK_PX)
-            w = min(CHUNK_PX, width_px - cx * CHUNK_PX)
-            if background[cy, cx] or h <= 0 or w <= 0:
-                continue
-            chunk = read_region(y0 + cy * CHUNK_PX, x0 + cx * CHUNK_PX, h, w)
-            writer.write((cy0 + cy, cx0 + cx, 0), chunk)
-            written += chunk.nbytes
+
+    def chunks() -> Iterator[tuple[tuple[int, int, int], npt.NDArray[np.uint8]]]:
+        nonlocal written
+        for cy in range(background.shape[0]):
+            for cx in range(background.shape[1]):
+                h = min(CHUNK_PX, height_px - cy * CHUNK_PX)
+                w = min(CHUNK_PX, width_px - cx * CHUNK_PX)
+                if background[cy, cx] or h <= 0 or w <= 0:
+                    continue
+                chunk = read_region(y0 + cy * CHUNK_PX, x0 + cx * CHUNK_PX, h, w)
+                written += chunk.nbytes
+                yield (cy0 + cy, cx0 + cx, 0), chunk
+
+    writer.write_shard(chunks())
     return written
 
 
@@ -429,13 +616,14 @@ def read_attributes(path: Path) -> dict[str, Any]:
 
 def stored_chunks(path: Path, array: str = LEVEL0) -> set[tuple[int, int]]:
     """The (row, col) indices of the chunks present in an array (trailing chunk indices, e.g. RGB's 0, dropped)."""
-    array_path = Path(path) / array
-    meta = json.loads((array_path / "zarr.json").read_text())
-    ndim = len(meta["shape"])
-    # Each key's chunk coordinates: "c.<row>.<col>[.0]" or "c/<row>/<col>[/0]".
-    if _key_separator(meta) == ".":
-        coords = [p.name.split(".")[1:] for p in array_path.glob("c." + ".".join(["*"] * ndim))]
-    else:
-        chunk_dir = array_path / "c"
-        coords = [list(p.relative_to(chunk_dir).parts) for p in chunk_dir.glob("/".join(["*"] * ndim))]
-    return {(int(c[0]), int(c[1])) for c in coords}
+    return {(c[0], c[1]) for c in ChunkWriter(Path(path) / array).stored_indices()}
+
+
+def _plain_shard_index(sharding: dict[str, Any]) -> bool:
+    """Whether a ``sharding_indexed`` configuration has zarr's default index, the one :class:`ChunkWriter` reads."""
+    index_codecs = sharding.get("index_codecs", [{"name": "bytes"}, {"name": "crc32c"}])
+    return (
+        sharding.get("index_location", "end") == "end"
+        and [c["name"] for c in index_codecs] == ["bytes", "crc32c"]
+        and index_codecs[0].get("configuration", {}).get("endian", "little") == "little"
+    )

@@ -187,6 +187,9 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--tile-block-chunks", "block_chunks", type=click.IntRange(1, 64), default=None,
               help="Chunks per side of one parallel task's block (default 4, from the config).")
+@click.option("--shards/--no-shards", default=None,
+              help="One file per task's block of chunks (a zarr v3 shard; the default, from the config) "
+                   "or one file per chunk.")
 @one_line_errors
 def tile(
     slide: Path,
@@ -196,6 +199,7 @@ def tile(
     all_tissue: bool,
     overwrite: bool,
     block_chunks: int | None,
+    shards: bool | None,
 ) -> None:
     """Tile a slide's level 0 into a Zarr v3 store of 512×512 chunks (tissue chunks only).
 
@@ -212,6 +216,7 @@ def tile(
         all_tissue=all_tissue,
         overwrite=overwrite,
         block_chunks=block_chunks,
+        shards=shards,
     )
     click.echo(
         f"{out}: {result.n_tissue_chunks} of {result.n_chunks} chunks written in {result.seconds:.1f} s "

@@ -227,6 +227,7 @@ def tile_slide(
     min_tissue_fraction: float | None = None,
     all_tissue: bool = False,
     block_chunks: int | None = None,
+    shards: bool | None = None,
     overwrite: bool = False,
     tissue_result: TissueResult | None = None,
     context_chunks: int = 0,
@@ -248,6 +249,9 @@ def tile_slide(
         Write every chunk, tissue or not.
     block_chunks
         Chunks per side of one Dask task's block.
+    shards
+        Store each task's block of chunks as one shard file (see
+        :func:`slidejob.chunkstore.create_image_store`); the chunks stay 512².
     overwrite
         Replace an existing store.
     tissue_result
@@ -259,6 +263,7 @@ def tile_slide(
     """
     t0 = time.perf_counter()
     block_chunks = int(config.get("tile.block-chunks", block_chunks))
+    shards = bool(config.get("tile.shards", shards))
     path = Path(path)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -276,11 +281,12 @@ def tile_slide(
         "source_path": info.path,
         "slide": info.to_dict(),
         "tissue": tr.attributes(),
-        "parameters": {"block_chunks": block_chunks, "all_tissue": all_tissue},
+        "parameters": {"block_chunks": block_chunks, "shards": shards, "all_tissue": all_tissue},
     }
     with chunkstore.atomic_directory(out, overwrite=overwrite) as tmp:
         chunkstore.create_image_store(
-            tmp, height_px=info.height_px, width_px=info.width_px, attributes=attrs, tissue_fraction=tr.fraction
+            tmp, height_px=info.height_px, width_px=info.width_px, attributes=attrs, tissue_fraction=tr.fraction,
+            shard_chunks=block_chunks if shards else 1,  # a task writes one whole shard: its block
         )
         grid = tr.grid
         if context_chunks:

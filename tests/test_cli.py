@@ -8,7 +8,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 
 from slidejob.cli import cli
@@ -46,6 +48,12 @@ def test_tissue_png_and_tile(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["tile", str(slide.path), "--out", str(tmp_path / "s.zarr"), "--mpp", "0.3"])
     assert res.exit_code == 0, res.output
     assert "4 of 12 chunks written" in res.output
+    assert [p.name for p in (tmp_path / "s.zarr" / "0").glob("c.*")] == ["c.0.0.0"]  # one shard
+    res = CliRunner().invoke(cli, ["tile", str(slide.path), "--out", str(tmp_path / "u.zarr"), "--no-shards"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "u.zarr" / "0").glob("c.*")) == ["c.0.0.0", "c.0.1.0", "c.1.0.0",
+                                                                            "c.1.1.0"]
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "u.zarr" / "0")[:], zarr.open_array(tmp_path / "s.zarr" / "0")[:])
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "not-tiff", "truncated"])

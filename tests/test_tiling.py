@@ -43,16 +43,25 @@ def _assert_store_matches_slide(store: Path, slide_path: Path, grid: np.ndarray)
     ("h", "w"),
     [(1, 700), (700, 1), (300, 200), (512, 512), (1536, 1024), (1500, 1100), (2100, 1700)],
 )
-def test_store_equals_slide_pixels_lossless(tmp_path: Path, h: int, w: int) -> None:
+@pytest.mark.parametrize(("shards", "block_chunks"), [(True, 4), (True, 2), (False, 4)])
+def test_store_equals_slide_pixels_lossless(tmp_path: Path, h: int, w: int, shards: bool, block_chunks: int) -> None:
     boxes = [(0, 0, h, w)] if min(h, w) < 512 else [(0, 0, h // 2, w // 2), (h - h // 3, w - w // 3, h, w)]
     slide = write_slide(tmp_path / "s.tif", h, w, tissue_boxes=boxes, compression="zlib", tile_px=16 if min(h, w) < 64 else 256)
     out = tmp_path / "s.zarr"
-    result = tile_slide(slide.path, out)
+    result = tile_slide(slide.path, out, shards=shards, block_chunks=block_chunks)
     expected = slide.chunk_fraction() >= 0.01
     tr = detect_slide_tissue(slide.path)
     np.testing.assert_array_equal(tr.grid, expected)
     assert result.n_tissue_chunks == int(expected.sum())
     _assert_store_matches_slide(out, slide.path, expected)
+    level0 = zarr.open_array(out / chunkstore.LEVEL0, mode="r")
+    files = {p.name for p in (out / chunkstore.LEVEL0).glob("c.*")}
+    if shards:  # one file per block that holds tissue, each a shard of block_chunks² chunks
+        assert level0.shards == (512 * block_chunks, 512 * block_chunks, 3)
+        assert files == {f"c.{cy // block_chunks}.{cx // block_chunks}.0" for cy, cx in zip(*np.nonzero(expected))}
+    else:  # one file per tissue chunk
+        assert level0.shards is None
+        assert files == {f"c.{cy}.{cx}.0" for cy, cx in zip(*np.nonzero(expected))}
 
 
 @pytest.mark.parametrize("tile_px", [240, 1024])
@@ -257,6 +266,79 @@ def test_chunk_writer_read_box_equals_zarr(tmp_path: Path, codec: str) -> None:
         y0, x0 = int(rng.integers(0, 1300)), int(rng.integers(0, 1100))
         box = (slice(y0, y0 + int(rng.integers(1, 900))), slice(x0, x0 + int(rng.integers(1, 900))), slice(None))
         np.testing.assert_array_equal(io.read_box(box), image[box])
+
+
+def _sharded(tmp_path: Path, shape: tuple[int, ...] = (1300, 2100, 3)) -> zarr.Array:
+    # 1024² shards of 512² chunks: an edge shard, shards cut by the array's border, chunks absent inside shards.
+    return zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3).create_array(
+        "0", shape=shape, chunks=(512, 512, 3), shards=(1024, 1024, 3), dtype="uint8", fill_value=255,
+        compressors=chunkstore.image_codecs(), chunk_key_encoding={"name": "default", "separator": "."})
+
+
+def test_chunk_writer_reads_shards_zarr_wrote(tmp_path: Path) -> None:
+    image = _sharded(tmp_path)
+    data = np.random.default_rng(4).integers(0, 255, image.shape, dtype=np.uint8)
+    image[:512, :1024] = data[:512, :1024]  # two of shard (0, 0)'s four chunks
+    image[1024:, 1024:] = data[1024:, 1024:]  # the bottom-row shards, cut at the border
+    io = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0")
+    assert io._blosc is not None and io.chunks == (512, 512, 3) and io.shard_shape == (1024, 1024, 3)
+    assert chunkstore.stored_chunks(tmp_path / "s.zarr", "0") == {(0, 0), (0, 1), (2, 2), (2, 3), (2, 4)}
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        y0, x0 = int(rng.integers(0, 1300)), int(rng.integers(0, 2100))
+        box = (slice(y0, y0 + int(rng.integers(1, 1200))), slice(x0, x0 + int(rng.integers(1, 1200))), slice(None))
+        np.testing.assert_array_equal(io.read_box(box), image[box])
+
+
+def test_shards_the_chunk_writer_wrote_are_read_by_zarr(tmp_path: Path) -> None:
+    image = _sharded(tmp_path)
+    data = np.random.default_rng(6).integers(0, 255, image.shape, dtype=np.uint8)
+    data[:, 1024:] = np.linspace(0, 255, 1076, dtype=np.uint8)[None, :, None]  # compresses; the rest does not
+    io = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0", skip_incompressible=True)
+    present = {(0, 1), (1, 0), (0, 2), (2, 3), (2, 4)}
+    for shard in [(0, 0), (0, 1), (1, 1), (1, 2), (0, 2)]:  # (0, 2) gets no chunk: its shard stays absent
+        io.write_shard(
+            ((cy, cx, 0), data[cy * 512 : (cy + 1) * 512, cx * 512 : (cx + 1) * 512])  # cut at the border
+            for cy in range(shard[0] * 2, shard[0] * 2 + 2) for cx in range(shard[1] * 2, shard[1] * 2 + 2)
+            if (cy, cx) in present
+        )
+    assert not io._key_path((0, 2, 0)).exists()
+    assert chunkstore.stored_chunks(tmp_path / "s.zarr", "0") == present
+    for cy in range(3):
+        for cx in range(5):
+            box = (slice(cy * 512, (cy + 1) * 512), slice(cx * 512, (cx + 1) * 512))
+            want = data[box] if (cy, cx) in present else 255
+            np.testing.assert_array_equal(image[box], np.broadcast_to(want, image[box].shape), err_msg=f"{cy},{cx}")
+    # Incompressible chunks are stored raw inside the shard, compressible ones compressed.
+    assert io._key_path((0, 0, 0)).stat().st_size == pytest.approx(2 * 512 * 512 * 3, rel=1e-3)
+    assert io._key_path((1, 2, 0)).stat().st_size < 512 * 512 * 3 / 4
+    # A shard is written whole: rewriting it with fewer chunks leaves the others absent.
+    io.write_shard([((0, 1, 0), data[:512, 512:1024])])
+    assert chunkstore.stored_chunks(tmp_path / "s.zarr", "0") == present - {(1, 0)}
+    assert (image[512:1024, :512] == 255).all()
+    # Single chunks go through zarr (a read-modify-write of their shard), and agree with it.
+    io.write((1, 1, 0), data[512:1024, 512:1024])
+    io.delete((0, 1, 0))
+    np.testing.assert_array_equal(io.read_box((slice(0, 1024), slice(0, 1024), slice(None)))[512:, 512:],
+                                  data[512:1024, 512:1024])
+    assert chunkstore.stored_chunks(tmp_path / "s.zarr", "0") == present - {(1, 0), (0, 1)} | {(1, 1)}
+    with pytest.raises(ValueError, match=r"chunk \(0, 2, 0\) is not in shard \(0, 0, 0\)"):
+        io.write_shard([((0, 0, 0), data[:512, :512]), ((0, 2, 0), data[:512, 1024:1536])])
+
+
+def test_a_damaged_shard_index_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    image = _sharded(tmp_path, (1024, 1024, 3))
+    image[...] = 7
+    io = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0")
+    shard = io._key_path((0, 0, 0))
+    raw = bytearray(shard.read_bytes())
+    raw[-20] ^= 1  # a bit of the last chunk's size
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"c\.0\.0\.0: shard index fails its crc32c check"):
+        io.read((0, 0, 0))
+    shard.write_bytes(b"short")
+    with pytest.raises(ValueError, match="shorter than its index"):
+        chunkstore.stored_chunks(tmp_path / "s.zarr", "0")
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None:
