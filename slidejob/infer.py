@@ -65,6 +65,9 @@ def get_model(spec: ModelSpec) -> Any:
     from slidejob.model import best_precision, load_model
 
     device = resolve_device(spec.device)
+    if spec.torch_threads and device == "cpu" and torch.get_num_threads() != spec.torch_threads:
+        # Before best_precision: on some CPUs it times forwards, which should run as the tasks' will.
+        torch.set_num_threads(spec.torch_threads)
     if spec.precision == "auto":
         precision, channels_last = best_precision(device)
     else:
@@ -77,8 +80,6 @@ def get_model(spec: ModelSpec) -> Any:
     with _LOCK:
         model = _MODELS.get(key)
         if model is None:
-            if spec.torch_threads and device == "cpu":
-                torch.set_num_threads(spec.torch_threads)
             model = load_model(
                 Path(spec.card_path),
                 Path(spec.weights_path),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from slidejob.model import best_precision, load_model
+from slidejob.model import best_precision, load_model, runtime
 from slidejob.model.runtime import _cpu_has_amx
 
 
@@ -55,19 +55,34 @@ def test_unknown_precision_is_refused(saved_model) -> None:
         load_model(saved_model[0], precision="int8")
 
 
-def test_best_precision_on_cpu_is_bf16_only_with_amx() -> None:
+def test_best_precision_on_cpu_is_bf16_with_amx_or_measured_faster() -> None:
     precision, channels_last = best_precision("cpu")
     assert channels_last is True
-    assert precision == ("bf16" if _cpu_has_amx() else "fp32")
+    fast = _cpu_has_amx() or runtime.cpu_bf16_speedup() >= runtime.CPU_BF16_MIN_SPEEDUP
+    assert precision == ("bf16" if fast else "fp32")
 
 
-def test_best_precision_without_amx_is_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    # AVX512-BF16 alone (this project's CPU) was measured no faster in bf16.
+def test_best_precision_measures_bf16_where_the_cpu_has_it_without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 1.1)  # a Xeon with AVX512-BF16: 0.8-1.16x
     assert best_precision("cpu") == ("fp32", True)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 1.55)  # a Zen 5 EPYC: 1.5-1.6x
     assert best_precision("cpu") == ("bf16", True)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.5)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert best_precision("cpu") == ("bf16", True)  # AMX: bf16 without measuring
+
+
+def test_cpu_bf16_speedup_is_measured_where_the_cpu_has_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    speedup = runtime.cpu_bf16_speedup()
+    has_bf16 = torch.cpu._is_avx512_bf16_supported()
+    assert speedup > 0 and (has_bf16 or speedup == 1.0)
+    runtime.cpu_bf16_speedup.cache_clear()
+    try:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+        assert runtime.cpu_bf16_speedup() == 1.0  # no bf16 unit: nothing timed
+    finally:
+        runtime.cpu_bf16_speedup.cache_clear()
 
 
 @pytest.mark.gpu
