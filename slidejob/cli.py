@@ -203,8 +203,9 @@ def tile(
 ) -> None:
     """Tile a slide's level 0 into a Zarr v3 store of 512×512 chunks (tissue chunks only).
 
-    Background chunks are left absent (they read as white). The store is built
-    under a temporary name and renamed into place when complete.
+    Background chunks are left absent (they read as white). Each parallel task's
+    block of chunks is one file (a zarr v3 shard; --no-shards: a file per chunk).
+    The store is built under a temporary name and renamed into place when complete.
     """
     from slidejob.pipeline import tile_slide
 

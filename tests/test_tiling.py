@@ -326,6 +326,23 @@ def test_shards_the_chunk_writer_wrote_are_read_by_zarr(tmp_path: Path) -> None:
         io.write_shard([((0, 0, 0), data[:512, :512]), ((0, 2, 0), data[:512, 1024:1536])])
 
 
+def test_shards_of_other_codecs_go_through_zarr(tmp_path: Path) -> None:
+    image = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3).create_array(
+        "0", shape=(1300, 2100, 3), chunks=(512, 512, 3), shards=(1024, 1024, 3), dtype="uint8", fill_value=255,
+        compressors=[zarr.codecs.ZstdCodec(level=1)])
+    data = np.random.default_rng(7).integers(0, 255, image.shape, dtype=np.uint8)
+    io = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0")
+    assert io._blosc is None and io.chunks == (512, 512, 3)
+    io.write_shard([((2, 4, 0), data[1024:, 2048:])])  # the corner shard, cut by the border both ways
+    io.write_shard([((2, 3, 0), data[1024:, 1536:2048])])
+    io.write_shard([((0, 1, 0), data[:512, 512:1024])])
+    want = np.full(image.shape, 255, np.uint8)
+    want[1024:, 1536:] = data[1024:, 1536:]
+    want[:512, 512:1024] = data[:512, 512:1024]
+    np.testing.assert_array_equal(image[...], want)
+    np.testing.assert_array_equal(io.read_box((slice(300, 1300), slice(400, 2100), slice(None))), want[300:, 400:])
+
+
 def test_a_damaged_shard_index_is_an_error_naming_the_file(tmp_path: Path) -> None:
     image = _sharded(tmp_path, (1024, 1024, 3))
     image[...] = 7
