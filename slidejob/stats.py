@@ -404,6 +404,10 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
     # Components of up to _PAIRWISE_CORNERS corners (nearly all of a noisy mask) all at
     # once: every pair of their corners, bucketed by size (padding repeats the last
     # corner) and blocked to bound memory.  Only larger ones take the (Python) hull.
+    # In the chunk's own coordinates (0..512), int32: squared distances stay below 2^20,
+    # and the pairs' arrays, most of this function's time on a noisy mask, halve (int64
+    # for an array over 16384 a side, where 2 x side^2 could pass 2^31).
+    local = (corners - np.array([y0, x0], np.int64)).astype(np.int32 if max(h, w) <= 16384 else np.int64)
     lower = 0
     for size in _PAIRWISE_BUCKETS:
         bucket = np.flatnonzero((n_corners > lower) & (n_corners <= size))
@@ -411,7 +415,7 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
         step = max(1, _PAIRWISE_BLOCK // (size * size))
         for b in range(0, len(bucket), step):
             sel = bucket[b : b + step]
-            pts = corners[bounds[sel, None] + np.minimum(np.arange(size), n_corners[sel, None] - 1)]
+            pts = local[bounds[sel, None] + np.minimum(np.arange(size), n_corners[sel, None] - 1)]
             dy = pts[:, :, None, 0] - pts[:, None, :, 0]
             dx = pts[:, :, None, 1] - pts[:, None, :, 1]
             diameter_sq[sel] = (dy * dy + dx * dx).max(axis=(1, 2))
