@@ -19,6 +19,34 @@ from slidejob.model.layout import CONVS_PER_BLOCK, DEPTH, NORMS, UNetConfig, _gr
 __all__ = ["NORMS", "UNet", "UNetConfig", "receptive_radius_px"]
 
 
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """2×2 max pooling with stride 2, ``torch.max_pool2d(x, 2)``, faster for CPU inference in channels_last.
+
+    ATen's CPU max_pool2d ran 2-4× slower than two elementwise maxima over views
+    of the NHWC memory: first of each pixel pair's two rows, then of its two
+    columns, which sit side by side once a row pair is viewed as
+    ``(W/2, 2·C)`` (8 × 1136², one thread: 9.4 against 2.2 ms in fp32, 8.5
+    against 2.3 in bf16; the U-Net's first pooling was 12 % of a CPU forward):
+    a 1136² forward of the shipped model with a 56-px margin, one thread, ran
+    90.7 instead of 97.9 ms in bf16 and 150.6 instead of 156.2 in fp32.
+    A max is exact, so the result is the same bits.  The ATen op serves every
+    other case: CUDA (cuDNN), NCHW memory, odd sides, and autograd (the
+    gradient of ``torch.maximum`` splits ties, max_pool2d's does not).
+    """
+    n, c, h, w = x.shape
+    if (
+        x.device.type != "cpu"
+        or h % 2
+        or w % 2
+        or (x.requires_grad and torch.is_grad_enabled())
+        or not x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.max_pool2d(x, 2)
+    pairs = x.permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2 * c)  # a view: NHWC memory is contiguous
+    rows = torch.maximum(pairs[:, :, 0], pairs[:, :, 1])  # (N, H/2, W/2, 2C): each pair's columns side by side
+    return torch.maximum(rows[..., :c], rows[..., c:]).permute(0, 3, 1, 2)  # NCHW, channels_last memory
+
+
 def _norm_layer(norm: str, channels: int) -> nn.Module:
     if norm == "batch":
         return nn.BatchNorm2d(channels)
@@ -190,7 +218,7 @@ class UNet(nn.Module):
                              f"{height}×{width} input, got {margin_px}")
         skips = []
         for level, encoder in enumerate(self.encoders):
-            x = encoder(x if level == 0 else self.pool(x))
+            x = encoder(x if level == 0 else max_pool_2x2(x))  # what self.pool does, faster on CPU
             skips.append(x)
         x = skips.pop()
         # Group norm's statistics span the whole input (as batch norm's do while training), so a

@@ -124,3 +124,30 @@ def test_config_round_trips_and_rejects_unknown_keys() -> None:
     assert UNetConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown U-Net config keys"):
         UNetConfig.from_dict({"base_channels": 8, "norm": "batch", "in_channels": 3, "depth": 4})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 8, 64, 48), (2, 3, 10, 6), (1, 1, 4, 4), (3, 16, 2, 2), (1, 5, 7, 6)])
+def test_max_pool_2x2_equals_max_pool2d(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    from slidejob.model.unet import max_pool_2x2
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen).to(dtype)
+    x[0, 0, 0, 0] = float("nan")  # a NaN wins its window in both
+    for layout in (torch.channels_last, torch.contiguous_format):  # the fast path, and ATen's
+        xs = x.contiguous(memory_format=layout)
+        got = max_pool_2x2(xs)
+        want = torch.max_pool2d(xs, 2)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+        assert got.is_contiguous(memory_format=layout)
+
+
+def test_max_pool_2x2_keeps_max_pool2d_gradients_for_training() -> None:
+    from slidejob.model.unet import max_pool_2x2
+
+    x = torch.zeros(1, 2, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()  # all ties
+    max_pool_2x2(x).sum().backward()
+    y = x.detach().clone().requires_grad_()
+    torch.max_pool2d(y, 2).sum().backward()
+    assert x.grad is not None and y.grad is not None and torch.equal(x.grad, y.grad)
