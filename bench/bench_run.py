@@ -3,8 +3,9 @@
 From one run, same model, same precision and layout, same threads:
   * model-only limit: the U-Net's forward on in-memory 512² batches (MP/s), the better of this
     process's default malloc and, in a fresh process, the CPU workers' (pipeline.worker_environ);
-  * halo bound: the same forward on the inputs a CPU forward takes (run.forward-chunks, 2x2 chunks:
-    1136² with the 56-px halo), counting the kept pixels only, with the workers' malloc: the ceiling
+  * halo bound: the same forward on the inputs a CPU forward takes (run.forward-chunks: auto, 2x4
+    chunks in bf16, 1136 x 2160 with the 56-px halo; 2x2 in fp32, 1136²), counting the kept pixels
+    only, with the workers' malloc: the ceiling
     of inference in forwards of that shape with a halo, as a fraction of the limit;
   * all-tissue 8192² slide: end to end (tissue + tile + infer + stitch + write + pyramid) as a
     fraction of that limit (target ≥ 0.9);
@@ -50,7 +51,7 @@ import numpy as np
 import psutil
 
 from slidejob import config
-from slidejob.geometry import forward_margin, forward_shape, halo_for
+from slidejob.geometry import forward_margin, forward_shape, halo_for, resolve_forward_chunks
 from slidejob.model import ModelCard, resolve_model_paths
 from slidejob.pipeline import dask_client, local_cluster_shape, run_batch, worker_environ
 from slidejob.synthetic import write_slide
@@ -88,8 +89,8 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
 
     from slidejob.model import best_precision, load_model
 
+    torch.set_num_threads(1)  # first: best_precision may time forwards, as a worker's task thread would
     precision, channels_last = best_precision("cpu")
-    torch.set_num_threads(1)
     model = load_model(card, None, precision=precision, channels_last=channels_last)
     side_hw = (side_px, side_px) if isinstance(side_px, int) else side_px
     kept_hw = (kept_px, kept_px) if isinstance(kept_px, int) else kept_px
@@ -111,6 +112,16 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
     elapsed = time.perf_counter() - t0
     return {"precision": precision, "channels_last": channels_last, "input_px": list(side_hw),
             "mp_s": sum(counts) * kept_hw[0] * kept_hw[1] / 1e6 / elapsed}
+
+
+def cpu_precision() -> str:
+    """The precision ``auto`` picks on this CPU for one task thread, as a CPU worker's task resolves it."""
+    import torch
+
+    from slidejob.model import best_precision
+
+    torch.set_num_threads(1)
+    return best_precision("cpu")[0]
 
 
 def model_limit_in_worker_env(card: Path | None, threads: int, **shape: object) -> dict:
@@ -378,10 +389,10 @@ def main() -> None:
     # (pipeline.worker_environ, a fresh process); the halo bound is measured with the workers'.
     limits = [{**model_limit_mp_s(args.weights, threads), "malloc": "default"},
               model_limit_in_worker_env(args.weights, threads)] if cpu_limits else []
-    # The same forward on the chunks one CPU forward covers (run.forward-chunks, 2x2) plus the default
-    # halo (56 px for the shipped model) each side, counting only the kept chunks: the ceiling of a
-    # pipeline that infers forwards of that shape with a halo.
-    rows, cols = forward_shape(config.get("run.forward-chunks"))
+    # The same forward on the chunks one CPU forward covers (run.forward-chunks: auto is 2x4 in bf16,
+    # 2x2 in fp32) plus the default halo (56 px for the shipped model) each side, counting only the
+    # kept chunks: the ceiling of a pipeline that infers forwards of that shape with a halo.
+    rows, cols = forward_shape(resolve_forward_chunks(config.get("run.forward-chunks"), cpu_precision()))
     halo_px = default_halo_px(args.weights)
     halo_shape = {"side_px": (rows * 512 + 2 * halo_px, cols * 512 + 2 * halo_px), "kept_px": (rows * 512, cols * 512)}
     halo_bounds = [model_limit_in_worker_env(args.weights, threads, **halo_shape)] if cpu_limits else []

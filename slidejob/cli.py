@@ -226,10 +226,13 @@ def tile(
 
 
 def _forward_chunks(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """``--forward-chunks``: N or ROWSxCOLS, 1 to 16 a side, as ``"RxC"``."""
+    """``--forward-chunks``: auto, N or ROWSxCOLS, 1 to 16 a side, as ``"RxC"``."""
     if value is None:
         return None
     from slidejob.geometry import forward_label, forward_shape
+
+    if value.strip().lower() == "auto":  # resolved on each worker, by the precision its model runs in
+        return "auto"
 
     try:
         rows, cols = forward_shape(value)
@@ -270,8 +273,9 @@ batch stops; rerun after freeing space).
               help="Context around each inferred block, a multiple of 8 (default: the model's receptive radius).")
 @click.option("--infer-block-chunks", "block_chunks", type=click.IntRange(1, 16), default=None,
               help="Chunks per side of one inference task's block (default 4).")
-@click.option("--forward-chunks", callback=_forward_chunks, default=None, metavar="N|RxC",
-              help="The most chunks one forward covers: N (N x N) or ROWSxCOLS (default 2x2 on CPU, 4x4 on GPU).")
+@click.option("--forward-chunks", callback=_forward_chunks, default=None, metavar="auto|N|RxC",
+              help="The most chunks one forward covers: N (N x N) or ROWSxCOLS (default on CPU auto: 2x4 where "
+                   "the model runs in bf16, 2x2 in fp32; 4x4 on GPU).")
 @click.option("--infer-batch-size", "batch_size", type=click.IntRange(1, 256), default=None,
               help="Inputs per forward (default 1 on CPU, 8 on GPU).")
 @click.option("--min-lesion-area", "min_lesion_area_um2", type=click.FloatRange(min=0), default=None,

@@ -203,7 +203,8 @@ def infer_blocks(
 
     Each block's pixels are read once (its rectangles' bounding box plus the
     halo); every forward covers at most ``forward_chunks`` chunks
-    (:func:`slidejob.geometry.forward_shape`: ``N`` or ``"RxC"``) of a
+    (:func:`slidejob.geometry.forward_shape`: ``N`` or ``"RxC"``; ``"auto"``
+    by the precision the model runs in, :func:`slidejob.geometry.resolve_forward_chunks`) of a
     rectangle plus the halo, cut from that read.  On CPUs a forward covers 2 × 2
     chunks (larger inputs cost less halo per pixel but take more memory); GPUs take
     whole rectangles in batches.
@@ -228,6 +229,7 @@ def infer_blocks(
     stage_s = dict.fromkeys(TASK_STAGES, 0.0)
     t = time.perf_counter()
     model = get_model(spec)
+    forward_chunks = geometry.resolve_forward_chunks(forward_chunks, model.precision)
     t = _lap(stage_s, "model", t)
     image = ChunkWriter(Path(tiles_path) / chunkstore.LEVEL0)
     shape = (int(image.shape[0]), int(image.shape[1]))
@@ -302,7 +304,8 @@ def infer_blocks(
             if prob_path is not None and probs8 is not None:
                 _write_block_levels(prob_path, probs8[b], bound, shape, pyramid_levels, "mean")
         _lap(stage_s, "levels", t)
-    return BlockResult(len(partials), partials, outlines, small_removed, runtime_of(model), stage_s)
+    runtime = {**runtime_of(model), "forward_chunks": forward_chunks}  # what "auto" became here
+    return BlockResult(len(partials), partials, outlines, small_removed, runtime, stage_s)
 
 
 def _lap(stage_s: dict[str, float], stage: str, since: float) -> float:

@@ -386,3 +386,10 @@ def test_run_rejects_a_bad_forward_chunks_before_reading_anything(tmp_path: Path
     assert res.exit_code == 2, res.output
     assert "--forward-chunks" in res.output and message in res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), (" Auto ", "auto"), ("3", "3x3"), ("1X2", "1x2")])
+def test_forward_chunks_takes_auto_n_and_rxc(value: str, parsed: str) -> None:
+    from slidejob.cli import _forward_chunks
+
+    assert _forward_chunks(None, None, value) == parsed  # type: ignore[arg-type]

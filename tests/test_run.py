@@ -80,7 +80,8 @@ def test_stitched_mask_equals_one_pass(tiny_model: Path, all_tissue_slide, tmp_p
 
 
 @pytest.mark.parametrize(("block_chunks", "forward_chunks", "recorded"),
-                         [(4, 1, "1x1"), (2, 2, "2x2"), (3, 2, "2x2"), (3, "1x2", "1x2"), (4, "3x1", "3x1")])
+                         [(4, 1, "1x1"), (2, 2, "2x2"), (3, 2, "2x2"), (3, "1x2", "1x2"), (4, "3x1", "3x1"),
+                          (4, "2x4", "2x4")])
 def test_blocks_and_forward_pieces_do_not_change_the_mask(
     tiny_model: Path, all_tissue_slide, tmp_path: Path, block_chunks: int, forward_chunks: int | str, recorded: str
 ) -> None:
@@ -158,8 +159,12 @@ def test_auto_precision_matches_fp32(tiny_model: Path, all_tissue_slide, tmp_pat
     [ran] = auto_run.manifest["inference"]["runtimes"]
     assert (ran["device"], ran["precision"], ran["channels_last"]) == (device, precision, channels_last)
     assert auto_run.manifest["parameters"]["precision"] == "auto"
+    # forward-chunks auto: on CPU 2x4 where the model runs in bf16, 2x2 in fp32 (the GPU's own default: 4x4).
+    assert auto_run.manifest["parameters"]["forward_chunks"] == ("4x4" if device != "cpu" else "auto")
+    assert ran["forward_chunks"] == ("4x4" if device != "cpu" else {"bf16": "2x4", "fp32": "2x2"}[precision])
     [ran] = fp32_run.manifest["inference"]["runtimes"]
     assert ran["precision"] == "fp32" and ran["device_name"]
+    assert ran["forward_chunks"] == ("4x4" if device != "cpu" else "2x2")
 
 
 def test_background_chunks_absent_and_zero(tiny_model: Path, tmp_path: Path) -> None:
