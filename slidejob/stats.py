@@ -322,7 +322,14 @@ def _empty_partial(y0: int, x0: int, shape: tuple[int, int]) -> ChunkPartial:
     )
 
 
-def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> ChunkPartial:
+def partial_from_array(
+    mask_chunk: npt.NDArray[np.uint8],
+    y0: int,
+    x0: int,
+    *,
+    block_labels: npt.NDArray[np.int32] | None = None,
+    removed: npt.NDArray[np.bool_] | None = None,
+) -> ChunkPartial:
     """Reduce one chunk of the level-0 mask to its :class:`ChunkPartial`.
 
     Parameters
@@ -332,6 +339,15 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
         chunk; smaller at the slide's right and bottom edges.
     y0, x0
         The chunk's global offset in level-0 pixels.
+    block_labels, removed
+        The chunk's cut of a labelling of a larger mask it lies in (an
+        inference block's :func:`label_components`, made before
+        :func:`remove_small_interior` zeroed the labels ``removed`` flags), to
+        spare the chunk a labelling of its own (~0.5 ms of ~1.2 for a lesion's
+        chunk).  A component of the larger mask may fall into several pieces in
+        the chunk; they keep its one label, as the merge would have joined them
+        anyway (a piece touching no edge of the chunk is a whole component).
+        ``mask_chunk`` is then not read.
 
     Returns
     -------
@@ -339,16 +355,42 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
         Components labelled with 8-connectivity, and everything
         :func:`merge_partials` needs to join them across chunk borders.
     """
-    mask = np.asarray(mask_chunk) != 0
-    if mask.ndim != 2 or 0 in mask.shape:
-        raise ValueError(f"expected a non-empty 2-D mask chunk, got shape {mask.shape}")
-    if not mask.any():  # the common chunk: no call in it
-        return _empty_partial(y0, x0, mask.shape)
-    labels, n = ndimage.label(mask, structure=CONNECTIVITY_8, output=np.int32)
-    if n == 0:
-        return _empty_partial(y0, x0, mask.shape)
-    h, w = mask.shape
-    run_lab, run_row, run_c0, run_c1 = _runs(labels)
+    if block_labels is None:
+        mask = np.asarray(mask_chunk) != 0
+        if mask.ndim != 2 or 0 in mask.shape:
+            raise ValueError(f"expected a non-empty 2-D mask chunk, got shape {mask.shape}")
+        if not mask.any():  # the common chunk: no call in it
+            return _empty_partial(y0, x0, mask.shape)
+        labels, n = ndimage.label(mask, structure=CONNECTIVITY_8, output=np.int32)
+        if n == 0:
+            return _empty_partial(y0, x0, mask.shape)
+        h, w = mask.shape
+        run_lab, run_row, run_c0, run_c1 = _runs(labels)
+        edges = (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1])
+    else:
+        if block_labels.ndim != 2 or 0 in block_labels.shape:
+            raise ValueError(f"expected a non-empty 2-D label chunk, got shape {block_labels.shape}")
+        h, w = block_labels.shape
+        if not block_labels.any():  # the common chunk: no call in it
+            return _empty_partial(y0, x0, (h, w))
+        run_val, run_row, run_c0, run_c1 = _runs(block_labels)
+        if removed is not None and len(run_val):
+            keep = ~removed[run_val + 1]
+            run_val, run_row, run_c0, run_c1 = run_val[keep], run_row[keep], run_c0[keep], run_c1[keep]
+        if not len(run_val):
+            return _empty_partial(y0, x0, (h, w))
+        # The block's labels present here, renumbered 1..n in their order.
+        present, run_lab = np.unique(run_val, return_inverse=True)
+        n = len(present)
+
+        def renumber(edge: npt.NDArray[np.int32]) -> npt.NDArray[np.int64]:
+            label = edge.astype(np.int64)
+            if removed is not None:
+                label[removed[label]] = 0
+            return np.where(label > 0, np.searchsorted(present, label - 1) + 1, 0)
+
+        edges = (renumber(block_labels[0, :]), renumber(block_labels[-1, :]), renumber(block_labels[:, 0]),
+                 renumber(block_labels[:, -1]))
     run_len = run_c1 - run_c0
     area = np.bincount(run_lab, weights=run_len, minlength=n).astype(np.int64)
     sum_y = np.bincount(run_lab, weights=run_row * run_len, minlength=n).astype(np.int64) + area * y0
@@ -380,7 +422,10 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
     )
     first_px = np.stack([row_y[lab_start] + y0, row_c0[lab_start] + x0], axis=1)
 
-    on_edge = on_border(labels, n)[1:]
+    on_edge = np.zeros(n + 1, bool)
+    for edge in edges:
+        on_edge[edge] = True
+    on_edge = on_edge[1:]
 
     # Corners grouped by component, rows ascending (row_* are sorted by component then row), only
     # those that can be vertices of the component's hull (:func:`_hull_rows`): the diameter and the
@@ -445,10 +490,10 @@ def partial_from_array(mask_chunk: npt.NDArray[np.uint8], y0: int, x0: int) -> C
         hull_yx=np.concatenate(hulls) if hulls else np.zeros((0, 2), np.int64),
         hull_start=np.r_[0, np.cumsum(hull_len)].astype(np.int64),
         # The narrowest type holding the labels: edges are most of a partial's bytes.
-        top=labels[0, :].astype(edge_dtype),
-        bottom=labels[-1, :].astype(edge_dtype),
-        left=labels[:, 0].astype(edge_dtype),
-        right=labels[:, -1].astype(edge_dtype),
+        top=edges[0].astype(edge_dtype),
+        bottom=edges[1].astype(edge_dtype),
+        left=edges[2].astype(edge_dtype),
+        right=edges[3].astype(edge_dtype),
     )
 
 

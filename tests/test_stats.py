@@ -330,3 +330,37 @@ def test_remove_small_interior_is_the_same_for_any_layout_and_call_value() -> No
     strided = wide[:, ::2]
     stats.remove_small_interior(strided, 25)
     np.testing.assert_array_equal(strided, expected)
+
+
+@pytest.mark.parametrize(("chunk_px", "block_px", "min_px"), [(7, 21, 0), (7, 28, 5), (64, 256, 40)])
+def test_partials_from_the_blocks_labels_merge_the_same(chunk_px: int, block_px: int, min_px: int) -> None:
+    # An inference task labels its block once; each chunk's partial reuses those labels, under which a
+    # lesion may fall into several pieces in one chunk (a U leaving and re-entering it).  The merge must
+    # not see the difference, with small lesions removed inside the blocks first.
+    rng = np.random.default_rng(chunk_px + block_px)
+    h, w = 3 * block_px + 5, 2 * block_px + 3
+    mask = (ndimage.uniform_filter(rng.random((h, w)), 3) > 0.5).astype(np.uint8)
+    u = mask[:block_px, :block_px]
+    u[:] = 0
+    u[1:chunk_px, 1] = u[1:chunk_px, 3] = 1  # two bars down to the first chunk's last row...
+    u[chunk_px : chunk_px + 2, 1:4] = 1  # ...joined in the chunk below: one lesion, two pieces above
+    own, shared = [], []
+    n_removed = 0
+    for by in range(0, h, block_px):
+        for bx in range(0, w, block_px):
+            block = mask[by : by + block_px, bx : bx + block_px]
+            labelled = stats.label_components(block)
+            removed = stats.remove_small_interior(block, min_px, labelled=labelled)
+            n_removed += int(removed.sum())
+            for y in range(0, block.shape[0], chunk_px):
+                for x in range(0, block.shape[1], chunk_px):
+                    cut = (slice(y, y + chunk_px), slice(x, x + chunk_px))
+                    own.append(partial_from_array(block[cut], by + y, bx + x))
+                    shared.append(partial_from_array(block[cut], by + y, bx + x, block_labels=labelled[0][cut],
+                                                     removed=removed))
+    assert (n_removed > 10) == (min_px > 0)
+    pieces = shared[0]
+    assert pieces.n_components == 1 and own[0].n_components == 2  # the U's two bars: one label, two pieces
+    merge = {"height_px": h, "width_px": w, "mpp_um": 0.5, "tissue_area_px": h * w}
+    assert merge_partials(shared, **merge) == merge_partials(own, **merge)
+    assert_matches_reference(merge_partials(shared, **merge), mask)
