@@ -295,8 +295,9 @@ def infer_blocks(
                     if prob_writer is not None and probs8 is not None:
                         prob_writer.write((r, c), probs8[b][rows, cols])
                     # The block's labels, cut to the chunk: no labelling of the chunk of its own.
-                    partials.append(stats.partial_from_array(chunk, r * CHUNK_PX, c * CHUNK_PX,
-                                                             block_labels=labelled[0][rows, cols], removed=removed))
+                    partials.append(stats.partial_from_array(
+                        chunk, r * CHUNK_PX, c * CHUNK_PX, removed=removed,
+                        block_labels=labelled[0][rows, cols] if labelled[1] else None))
         t = _lap(stage_s, "write", t)
         outlines.update(outline.interior_outlines(masks[b], by, bx, height_px=shape[0], width_px=shape[1],
                                                   labelled=labelled, removed=removed))

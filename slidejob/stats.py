@@ -347,7 +347,7 @@ def partial_from_array(
         chunk).  A component of the larger mask may fall into several pieces in
         the chunk; they keep its one label, as the merge would have joined them
         anyway (a piece touching no edge of the chunk is a whole component).
-        ``mask_chunk`` is then not read.
+        ``mask_chunk`` is then only asked whether it holds any call.
 
     Returns
     -------
@@ -371,7 +371,7 @@ def partial_from_array(
         if block_labels.ndim != 2 or 0 in block_labels.shape:
             raise ValueError(f"expected a non-empty 2-D label chunk, got shape {block_labels.shape}")
         h, w = block_labels.shape
-        if not block_labels.any():  # the common chunk: no call in it
+        if not np.asarray(mask_chunk).any():  # the common chunk: no call in it (uint8: 4x fewer bytes)
             return _empty_partial(y0, x0, (h, w))
         run_val, run_row, run_c0, run_c1 = _runs(block_labels)
         if removed is not None and len(run_val):
