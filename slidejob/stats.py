@@ -371,9 +371,17 @@ def partial_from_array(
         if block_labels.ndim != 2 or 0 in block_labels.shape:
             raise ValueError(f"expected a non-empty 2-D label chunk, got shape {block_labels.shape}")
         h, w = block_labels.shape
-        if not np.asarray(mask_chunk).any():  # the common chunk: no call in it (uint8: 4x fewer bytes)
+        called = np.asarray(mask_chunk)
+        called_rows = np.flatnonzero(called.any(axis=1))  # uint8: 4x fewer bytes than the labels
+        if not len(called_rows):  # the common chunk: no call in it
             return _empty_partial(y0, x0, (h, w))
-        run_val, run_row, run_c0, run_c1 = _runs(block_labels)
+        called_cols = np.flatnonzero(called.any(axis=0))
+        # Runs only in the box around the calls: a chunk with a few specks costs a fraction of a full pass.
+        r0, r1, c0, c1 = called_rows[0], called_rows[-1] + 1, called_cols[0], called_cols[-1] + 1
+        run_val, run_row, run_c0, run_c1 = _runs(block_labels[r0:r1, c0:c1])
+        run_row += r0
+        run_c0 += c0
+        run_c1 += c0
         if removed is not None and len(run_val):
             keep = ~removed[run_val + 1]
             run_val, run_row, run_c0, run_c1 = run_val[keep], run_row[keep], run_c0[keep], run_c1[keep]
