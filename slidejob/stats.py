@@ -743,10 +743,23 @@ def min_area_px(min_area_um2: float, mpp_um: float | None) -> int:
 
 
 def label_components(mask: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int32], int]:
-    """8-connected components of a mask's non-zero pixels: ``(labels, n)``, labels 1..n, 0 for background."""
-    if not mask.any():  # most blocks of a slide hold no call at all: no labelling pass over them
+    """8-connected components of a mask's non-zero pixels: ``(labels, n)``, labels 1..n, 0 for background.
+
+    Only the box around the calls is labelled (the same labels: ndimage numbers components in
+    raster order of their first pixel, which a shift does not change): a 2048² block took ~8.5 ms
+    whatever it held, and the box costs two ~0.15-ms passes to find.
+    """
+    called_rows = np.flatnonzero(mask.any(axis=1))
+    if not len(called_rows):  # most blocks of a slide hold no call at all: no labelling pass over them
         return np.zeros(mask.shape, np.int32), 0
-    labels, n = ndimage.label(mask != 0, structure=CONNECTIVITY_8, output=np.int32)
+    called_cols = np.flatnonzero(mask.any(axis=0))
+    box = (slice(called_rows[0], called_rows[-1] + 1), slice(called_cols[0], called_cols[-1] + 1))
+    box_px = (called_rows[-1] + 1 - called_rows[0]) * (called_cols[-1] + 1 - called_cols[0])
+    if box_px > mask.size // 2:  # the box is most of the block: copying its labels back would cost more
+        labels, n = ndimage.label(mask != 0, structure=CONNECTIVITY_8, output=np.int32)
+        return labels, int(n)
+    labels = np.zeros(mask.shape, np.int32)
+    labels[box], n = ndimage.label(mask[box] != 0, structure=CONNECTIVITY_8, output=np.int32)
     return labels, int(n)
 
 

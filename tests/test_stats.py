@@ -364,3 +364,17 @@ def test_partials_from_the_blocks_labels_merge_the_same(chunk_px: int, block_px:
     merge = {"height_px": h, "width_px": w, "mpp_um": 0.5, "tissue_area_px": h * w}
     assert merge_partials(shared, **merge) == merge_partials(own, **merge)
     assert_matches_reference(merge_partials(shared, **merge), mask)
+
+
+def test_label_components_labels_only_the_box_around_the_calls_and_equals_ndimage() -> None:
+    rng = np.random.default_rng(11)
+    masks = [np.zeros((64, 80), np.uint8), np.ones((64, 80), np.uint8)]
+    for box in [(slice(10, 30), slice(40, 75)), (slice(0, 5), slice(0, 80)), (slice(63, 64), slice(79, 80))]:
+        m = np.zeros((64, 80), np.uint8)
+        m[box] = rng.random(m[box].shape) > 0.6
+        masks.append(m * rng.integers(1, 3))  # any non-zero value is a call
+    for m in masks:
+        labels, n = stats.label_components(m)
+        want, n_want = ndimage.label(m != 0, structure=np.ones((3, 3), bool))
+        assert n == n_want and labels.dtype == np.int32 and labels.shape == m.shape
+        np.testing.assert_array_equal(labels, want)
