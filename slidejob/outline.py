@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from slidejob.stats import label_components, on_border
+from slidejob.stats import calls_box, label_components, on_border
 
 Ring = npt.NDArray[np.int64]  # (k, 2) vertices (x, y), not repeated at the end
 
@@ -281,12 +281,12 @@ def interior_outlines(
     if not keep.any():  # every lesion removed or on a border: no pass over the block's labels (~5 ms)
         return {}
     kept = keep[labels]
-    if not kept.any():
+    around = calls_box(kept)
+    if around is None:
         return {}
     # Trace only the box around the kept lesions, with the one pixel of background every
     # interior lesion has around it (it touches no border of the block).
-    rows, cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
-    r0, r1, c0, c1 = rows[0] - 1, rows[-1] + 2, cols[0] - 1, cols[-1] + 2
+    r0, r1, c0, c1 = around[0].start - 1, around[0].stop + 1, around[1].start - 1, around[1].stop + 1
     box = np.where(kept[r0:r1, c0:c1], labels[r0:r1, c0:c1], 0)
     oy, ox = y0 + int(r0), x0 + int(c0)
     out: dict[int, str] = {}

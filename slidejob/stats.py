@@ -293,10 +293,37 @@ def on_border(labels: npt.NDArray[np.integer], n: int) -> npt.NDArray[np.bool_]:
     >>> on_border(np.array([[1, 0, 0], [0, 2, 0], [0, 0, 0]]), 2).tolist()
     [True, True, False]
     """
+    return _on_edges(_edges(labels), n)
+
+
+def _edges(image: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], ...]:
+    """An image's outer rows and columns: top, bottom, left, right."""
+    return image[0, :], image[-1, :], image[:, 0], image[:, -1]
+
+
+def _on_edges(edges: Sequence[npt.NDArray[np.integer]], n: int) -> npt.NDArray[np.bool_]:
+    """For labels 0..n, whether the label appears in any of ``edges``."""
     border = np.zeros(n + 1, bool)
-    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+    for edge in edges:
         border[edge] = True
     return border
+
+
+def calls_box(mask: npt.NDArray[Any]) -> tuple[slice, slice] | None:
+    """The smallest box (rows, cols) holding every non-zero pixel of a 2-D mask; None where there is none.
+
+    Two passes along the axes (~0.15 ms each on a 2048² uint8 block) against a labelling pass over
+    the whole block (~8.5 ms): labelling and run-finding then look at the box only.
+
+    >>> m = np.zeros((5, 6), np.uint8); m[1, 2] = m[3, 4] = 1
+    >>> calls_box(m), calls_box(np.zeros((2, 2)))
+    ((slice(1, 4, None), slice(2, 5, None)), None)
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def _empty_partial(y0: int, x0: int, shape: tuple[int, int]) -> ChunkPartial:
@@ -366,22 +393,19 @@ def partial_from_array(
             return _empty_partial(y0, x0, mask.shape)
         h, w = mask.shape
         run_lab, run_row, run_c0, run_c1 = _runs(labels)
-        edges = (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1])
+        edges = _edges(labels)
     else:
         if block_labels.ndim != 2 or 0 in block_labels.shape:
             raise ValueError(f"expected a non-empty 2-D label chunk, got shape {block_labels.shape}")
         h, w = block_labels.shape
-        called = np.asarray(mask_chunk)
-        called_rows = np.flatnonzero(called.any(axis=1))  # uint8: 4x fewer bytes than the labels
-        if not len(called_rows):  # the common chunk: no call in it
+        box = calls_box(np.asarray(mask_chunk))  # from the uint8 mask: 4x fewer bytes than the labels
+        if box is None:  # the common chunk: no call in it
             return _empty_partial(y0, x0, (h, w))
-        called_cols = np.flatnonzero(called.any(axis=0))
         # Runs only in the box around the calls: a chunk with a few specks costs a fraction of a full pass.
-        r0, r1, c0, c1 = called_rows[0], called_rows[-1] + 1, called_cols[0], called_cols[-1] + 1
-        run_val, run_row, run_c0, run_c1 = _runs(block_labels[r0:r1, c0:c1])
-        run_row += r0
-        run_c0 += c0
-        run_c1 += c0
+        run_val, run_row, run_c0, run_c1 = _runs(block_labels[box])
+        run_row += box[0].start
+        run_c0 += box[1].start
+        run_c1 += box[1].start
         if removed is not None and len(run_val):
             keep = ~removed[run_val + 1]
             run_val, run_row, run_c0, run_c1 = run_val[keep], run_row[keep], run_c0[keep], run_c1[keep]
@@ -397,8 +421,7 @@ def partial_from_array(
                 label[removed[label]] = 0
             return np.where(label > 0, np.searchsorted(present, label - 1) + 1, 0)
 
-        edges = (renumber(block_labels[0, :]), renumber(block_labels[-1, :]), renumber(block_labels[:, 0]),
-                 renumber(block_labels[:, -1]))
+        edges = tuple(renumber(edge) for edge in _edges(block_labels))
     run_len = run_c1 - run_c0
     area = np.bincount(run_lab, weights=run_len, minlength=n).astype(np.int64)
     sum_y = np.bincount(run_lab, weights=run_row * run_len, minlength=n).astype(np.int64) + area * y0
@@ -430,10 +453,7 @@ def partial_from_array(
     )
     first_px = np.stack([row_y[lab_start] + y0, row_c0[lab_start] + x0], axis=1)
 
-    on_edge = np.zeros(n + 1, bool)
-    for edge in edges:
-        on_edge[edge] = True
-    on_edge = on_edge[1:]
+    on_edge = _on_edges(edges, n)[1:]
 
     # Corners grouped by component, rows ascending (row_* are sorted by component then row), only
     # those that can be vertices of the component's hull (:func:`_hull_rows`): the diameter and the
@@ -749,12 +769,10 @@ def label_components(mask: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int32]
     raster order of their first pixel, which a shift does not change): a 2048² block took ~8.5 ms
     whatever it held, and the box costs two ~0.15-ms passes to find.
     """
-    called_rows = np.flatnonzero(mask.any(axis=1))
-    if not len(called_rows):  # most blocks of a slide hold no call at all: no labelling pass over them
+    box = calls_box(mask)
+    if box is None:  # most blocks of a slide hold no call at all: no labelling pass over them
         return np.zeros(mask.shape, np.int32), 0
-    called_cols = np.flatnonzero(mask.any(axis=0))
-    box = (slice(called_rows[0], called_rows[-1] + 1), slice(called_cols[0], called_cols[-1] + 1))
-    box_px = (called_rows[-1] + 1 - called_rows[0]) * (called_cols[-1] + 1 - called_cols[0])
+    box_px = (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
     if box_px > mask.size // 2:  # the box is most of the block: copying its labels back would cost more
         labels, n = ndimage.label(mask != 0, structure=CONNECTIVITY_8, output=np.int32)
         return labels, int(n)
