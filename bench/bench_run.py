@@ -85,12 +85,10 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
     each side and ``kept_px`` those chunks, it is the most a pipeline that infers forwards of
     that shape with their halo can reach.
     """
-    import torch
 
-    from slidejob.model import best_precision, load_model
+    from slidejob.model import load_model
 
-    torch.set_num_threads(1)  # first: best_precision may time forwards, as a worker's task thread would
-    precision, channels_last = best_precision("cpu")
+    precision, channels_last = cpu_precision()
     model = load_model(card, None, precision=precision, channels_last=channels_last)
     side_hw = (side_px, side_px) if isinstance(side_px, int) else side_px
     kept_hw = (kept_px, kept_px) if isinstance(kept_px, int) else kept_px
@@ -114,14 +112,17 @@ def model_limit_mp_s(card: Path | None, threads: int, seconds: float = 20.0, *,
             "mp_s": sum(counts) * kept_hw[0] * kept_hw[1] / 1e6 / elapsed}
 
 
-def cpu_precision() -> str:
-    """The precision ``auto`` picks on this CPU for one task thread, as a CPU worker's task resolves it."""
+def cpu_precision() -> tuple[str, bool]:
+    """``(precision, channels_last)`` as ``auto`` resolves them on this CPU for one task thread, as a worker's task.
+
+    Leaves this process on one torch thread: set first, since best_precision may time forwards.
+    """
     import torch
 
     from slidejob.model import best_precision
 
     torch.set_num_threads(1)
-    return best_precision("cpu")[0]
+    return best_precision("cpu")
 
 
 def model_limit_in_worker_env(card: Path | None, threads: int, **shape: object) -> dict:
@@ -392,7 +393,7 @@ def main() -> None:
     # The same forward on the chunks one CPU forward covers (run.forward-chunks: auto is 2x4 in bf16,
     # 2x2 in fp32) plus the default halo (56 px for the shipped model) each side, counting only the
     # kept chunks: the ceiling of a pipeline that infers forwards of that shape with a halo.
-    rows, cols = forward_shape(resolve_forward_chunks(config.get("run.forward-chunks"), cpu_precision()))
+    rows, cols = forward_shape(resolve_forward_chunks(config.get("run.forward-chunks"), cpu_precision()[0]))
     halo_px = default_halo_px(args.weights)
     halo_shape = {"side_px": (rows * 512 + 2 * halo_px, cols * 512 + 2 * halo_px), "kept_px": (rows * 512, cols * 512)}
     halo_bounds = [model_limit_in_worker_env(args.weights, threads, **halo_shape)] if cpu_limits else []

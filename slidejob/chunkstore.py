@@ -346,10 +346,6 @@ class ChunkWriter:
     def _shard_of(self, index: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(i // n for i, n in zip(index, self._per_shard))
 
-    def _chunk_path(self, index: tuple[int, ...]) -> Path:
-        """The file that holds chunk ``index``: its own, or its shard's."""
-        return self._key_path(self._shard_of(index))
-
     def write(self, index: tuple[int, ...], data: npt.NDArray[Any]) -> None:
         """Write chunk ``index`` (grid coordinates); ``data`` may be smaller than a chunk at the array's edge.
 

@@ -231,11 +231,11 @@ def _forward_chunks(ctx: click.Context, param: click.Parameter, value: str | Non
         return None
     from slidejob.geometry import forward_label, forward_shape
 
-    if value.strip().lower() == "auto":  # resolved on each worker, by the precision its model runs in
-        return "auto"
-
     try:
-        rows, cols = forward_shape(value)
+        label = forward_label(value)
+        if label == "auto":  # resolved on each worker, by the precision its model runs in
+            return label
+        rows, cols = forward_shape(label)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     if rows > 16 or cols > 16:

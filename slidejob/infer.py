@@ -205,9 +205,9 @@ def infer_blocks(
     halo); every forward covers at most ``forward_chunks`` chunks
     (:func:`slidejob.geometry.forward_shape`: ``N`` or ``"RxC"``; ``"auto"``
     by the precision the model runs in, :func:`slidejob.geometry.resolve_forward_chunks`) of a
-    rectangle plus the halo, cut from that read.  On CPUs a forward covers 2 × 2
-    chunks (larger inputs cost less halo per pixel but take more memory); GPUs take
-    whole rectangles in batches.
+    rectangle plus the halo, cut from that read.  On CPUs ``auto`` covers 2 × 4
+    chunks in bf16 and 2 × 2 in fp32 (larger inputs cost less halo per pixel but
+    take more memory); GPUs take whole rectangles in batches.
 
     With ``clip_to_tissue``, cancer calls on bare glass (:func:`slidejob.tissue.glass_mask`
     of the pixels themselves) are set to 0; probabilities are written as the model gave them.

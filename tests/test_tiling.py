@@ -236,7 +236,7 @@ def test_chunks_that_do_not_compress_are_stored_raw_and_read_back_by_zarr(tmp_pa
     writer = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0", skip_incompressible=True)
     for col, data in enumerate((noise, smooth, edge)):
         writer.write((0, col, 0), data)
-    sizes = [writer._chunk_path((0, col, 0)).stat().st_size for col in range(3)]
+    sizes = [writer._key_path((0, col, 0)).stat().st_size for col in range(3)]
     raw = noise.nbytes
     assert raw < sizes[0] <= raw + 32  # Blosc's header and a verbatim copy: not worth compressing
     assert sizes[1] < raw / 4 and sizes[2] < raw / 4  # compressible chunks are compressed
@@ -245,7 +245,7 @@ def test_chunks_that_do_not_compress_are_stored_raw_and_read_back_by_zarr(tmp_pa
     np.testing.assert_array_equal(image[:, 1024:], edge)
     plain = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0")  # the default compresses whatever it gets
     plain.write((0, 0, 0), noise)
-    assert plain._chunk_path((0, 0, 0)).stat().st_size < 0.95 * raw
+    assert plain._key_path((0, 0, 0)).stat().st_size < 0.95 * raw
     np.testing.assert_array_equal(image[:, :512], noise)
 
 
