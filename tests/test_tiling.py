@@ -268,11 +268,11 @@ def test_chunk_writer_read_box_equals_zarr(tmp_path: Path, codec: str) -> None:
         np.testing.assert_array_equal(io.read_box(box), image[box])
 
 
-def _sharded(tmp_path: Path, shape: tuple[int, ...] = (1300, 2100, 3)) -> zarr.Array:
+def _sharded(tmp_path: Path, shape: tuple[int, ...] = (1300, 2100, 3), compressors: list | None = None) -> zarr.Array:
     # 1024² shards of 512² chunks: an edge shard, shards cut by the array's border, chunks absent inside shards.
     return zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3).create_array(
         "0", shape=shape, chunks=(512, 512, 3), shards=(1024, 1024, 3), dtype="uint8", fill_value=255,
-        compressors=chunkstore.image_codecs(), chunk_key_encoding={"name": "default", "separator": "."})
+        compressors=compressors or chunkstore.image_codecs(), chunk_key_encoding={"name": "default", "separator": "."})
 
 
 def test_chunk_writer_reads_shards_zarr_wrote(tmp_path: Path) -> None:
@@ -327,9 +327,7 @@ def test_shards_the_chunk_writer_wrote_are_read_by_zarr(tmp_path: Path) -> None:
 
 
 def test_shards_of_other_codecs_go_through_zarr(tmp_path: Path) -> None:
-    image = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3).create_array(
-        "0", shape=(1300, 2100, 3), chunks=(512, 512, 3), shards=(1024, 1024, 3), dtype="uint8", fill_value=255,
-        compressors=[zarr.codecs.ZstdCodec(level=1)])
+    image = _sharded(tmp_path, compressors=[zarr.codecs.ZstdCodec(level=1)])
     data = np.random.default_rng(7).integers(0, 255, image.shape, dtype=np.uint8)
     io = chunkstore.ChunkWriter(tmp_path / "s.zarr" / "0")
     assert io._blosc is None and io.chunks == (512, 512, 3)
