@@ -464,14 +464,18 @@ class ChunkWriter:
         if self._blosc is None:
             return np.array(self._zarr_array()[box])
         if self.shard_shape is None:
-            read_chunk = self._stored
-        else:
-            indexes: dict[tuple[int, ...], npt.NDArray[np.uint64] | None] = {}  # each shard's, read once a box
+            return read_chunked(box, self.shape, self.chunks, self._stored, dtype=self.dtype,
+                                fill_value=self.fill_value)
+        # Each shard the box touches is opened once and its index read once (an inference block and
+        # its halo: 9 shards, 36 chunks); a parallel file system pays for every open.
+        with contextlib.ExitStack() as files:
+            shards: dict[tuple[int, ...], tuple[Any, npt.NDArray[np.uint64]] | None] = {}
 
             def read_chunk(index: tuple[int, ...]) -> npt.NDArray[Any] | None:
-                return self._stored_in_shard(index, indexes)
+                return self._stored_in_shard(index, shards, files)
 
-        return read_chunked(box, self.shape, self.chunks, read_chunk, dtype=self.dtype, fill_value=self.fill_value)
+            return read_chunked(box, self.shape, self.chunks, read_chunk, dtype=self.dtype,
+                                fill_value=self.fill_value)
 
     def _decode(self, encoded: bytes) -> npt.NDArray[Any]:
         assert self._blosc is not None
@@ -486,40 +490,46 @@ class ChunkWriter:
         return self._decode(encoded)
 
     def _stored_in_shard(
-        self, index: tuple[int, ...], indexes: dict[tuple[int, ...], npt.NDArray[np.uint64] | None]
+        self,
+        index: tuple[int, ...],
+        shards: dict[tuple[int, ...], tuple[Any, npt.NDArray[np.uint64]] | None],
+        files: contextlib.ExitStack,
     ) -> npt.NDArray[Any] | None:
-        """Chunk ``index`` from its shard (read-only), or None where it is absent; ``indexes`` caches shard indexes."""
+        """Chunk ``index`` from its shard (read-only), or None where it is absent.
+
+        ``shards`` keeps each shard's open file and index (None: absent), ``files`` closes the files.
+        """
         shard = self._shard_of(index)
-        if shard not in indexes:
-            indexes[shard] = self._shard_index(shard)
-        offsets = indexes[shard]
-        if offsets is None:
+        if shard not in shards:
+            try:
+                f = files.enter_context(open(self._key_path(shard), "rb"))  # noqa: SIM115 - the stack closes it
+            except FileNotFoundError:
+                shards[shard] = None
+            else:
+                shards[shard] = (f, self._shard_index(f))
+        opened = shards[shard]
+        if opened is None:
             return None
+        f, offsets = opened
         offset, nbytes = (int(v) for v in offsets[tuple(i % n for i, n in zip(index, self._per_shard))])
         if offset == _ABSENT:
             return None
-        with open(self._key_path(shard), "rb") as f:
-            f.seek(offset)
-            encoded = f.read(nbytes)
+        f.seek(offset)
+        encoded = f.read(nbytes)
         if len(encoded) != nbytes:
-            raise ValueError(f"{self._key_path(shard)}: shard is shorter than its index says")
+            raise ValueError(f"{f.name}: shard is shorter than its index says")
         return self._decode(encoded)
 
-    def _shard_index(self, shard: tuple[int, ...]) -> npt.NDArray[np.uint64] | None:
-        """A shard's (offset, size) per chunk, checked against its crc32c; None where the shard is absent."""
+    def _shard_index(self, f: Any) -> npt.NDArray[np.uint64]:
+        """The (offset, size) per chunk of the shard open as ``f``, checked against its crc32c."""
         size = int(np.prod(self._per_shard)) * 16 + 4
-        path = self._key_path(shard)
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell() < size:
-                    raise ValueError(f"{path}: shard is shorter than its index")
-                f.seek(-size, os.SEEK_END)
-                raw = f.read(size)
-        except FileNotFoundError:
-            return None
+        f.seek(0, os.SEEK_END)
+        if f.tell() < size:
+            raise ValueError(f"{f.name}: shard is shorter than its index")
+        f.seek(-size, os.SEEK_END)
+        raw = f.read(size)
         if np.frombuffer(raw[-4:], "<u4")[0] != google_crc32c.value(raw[:-4]):
-            raise ValueError(f"{path}: shard index fails its crc32c check")
+            raise ValueError(f"{f.name}: shard index fails its crc32c check")
         return np.frombuffer(raw[:-4], "<u8").reshape(*self._per_shard, 2)
 
     def stored_indices(self) -> set[tuple[int, ...]]:
@@ -538,8 +548,10 @@ class ChunkWriter:
             raise ValueError(f"{self.array_path}: a shard layout slidejob does not read")
         present: set[tuple[int, ...]] = set()
         for shard in key_indices:
-            offsets = self._shard_index(shard)
-            if offsets is None:
+            try:
+                with open(self._key_path(shard), "rb") as f:
+                    offsets = self._shard_index(f)
+            except FileNotFoundError:  # removed since listed
                 continue
             for local in zip(*np.nonzero(offsets[..., 0] != _ABSENT)):
                 present.add(tuple(s * n + int(i) for s, n, i in zip(shard, self._per_shard, local)))
