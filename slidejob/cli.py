@@ -274,7 +274,7 @@ batch stops; rerun after freeing space).
 @click.option("--infer-block-chunks", "block_chunks", type=click.IntRange(1, 16), default=None,
               help="Chunks per side of one inference task's block (default 4).")
 @click.option("--forward-chunks", callback=_forward_chunks, default=None, metavar="auto|N|RxC",
-              help="The most chunks one forward covers: N (N x N) or ROWSxCOLS (default on CPU auto: 2x4 where "
+              help="The most chunks one forward covers: N (N x N) or ROWSxCOLS (default auto: on CPU 2x4 where "
                    "the model runs in bf16, 2x2 in fp32; 4x4 on GPU).")
 @click.option("--infer-batch-size", "batch_size", type=click.IntRange(1, 256), default=None,
               help="Inputs per forward (default 1 on CPU, 8 on GPU).")

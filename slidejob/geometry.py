@@ -181,14 +181,26 @@ def forward_label(value: int | str | tuple[int, int]) -> str:
 CPU_FORWARD_CHUNKS = {"fp32": "2x2", "bf16": "2x4", "fp16": "2x4"}
 
 
-def resolve_forward_chunks(value: int | str | tuple[int, int], precision: str) -> str:
-    """The ``"RxC"`` a forward covers: ``value``, or for ``"auto"`` :data:`CPU_FORWARD_CHUNKS` of ``precision``.
+#: ``forward-chunks: auto`` on a CUDA device: a whole 4×4-chunk block (2160² with the default halo) a
+#: forward, in batches (``run.batch-size-gpu``): a GPU has the memory, and the halo's share is smallest.
+GPU_FORWARD_CHUNKS = "4x4"
+
+
+def resolve_forward_chunks(value: int | str | tuple[int, int], precision: str, device: str = "cpu") -> str:
+    """The ``"RxC"`` a forward covers: ``value``, or for ``"auto"`` what suits the device the model runs on.
+
+    ``auto`` is :data:`GPU_FORWARD_CHUNKS` on CUDA and :data:`CPU_FORWARD_CHUNKS` of ``precision`` on a
+    CPU (a GPU worker that could not open its device runs on its CPU, with a CPU's forwards).
 
     >>> resolve_forward_chunks("auto", "bf16"), resolve_forward_chunks("auto", "fp32"), resolve_forward_chunks(3, "bf16")
     ('2x4', '2x2', '3x3')
+    >>> resolve_forward_chunks("auto", "bf16", "cuda"), resolve_forward_chunks("1x2", "bf16", "cuda")
+    ('4x4', '1x2')
     """
     label = forward_label(value)
-    return CPU_FORWARD_CHUNKS.get(precision, "2x2") if label == "auto" else label
+    if label != "auto":
+        return label
+    return GPU_FORWARD_CHUNKS if device == "cuda" else CPU_FORWARD_CHUNKS.get(precision, "2x2")
 
 
 def split_rect(rect: Rect, max_chunks: int | str | tuple[int, int]) -> list[Rect]:

@@ -204,10 +204,10 @@ def infer_blocks(
     Each block's pixels are read once (its rectangles' bounding box plus the
     halo); every forward covers at most ``forward_chunks`` chunks
     (:func:`slidejob.geometry.forward_shape`: ``N`` or ``"RxC"``; ``"auto"``
-    by the precision the model runs in, :func:`slidejob.geometry.resolve_forward_chunks`) of a
-    rectangle plus the halo, cut from that read.  On CPUs ``auto`` covers 2 × 4
+    by the device and precision the model runs in, :func:`slidejob.geometry.resolve_forward_chunks`)
+    of a rectangle plus the halo, cut from that read.  On CPUs ``auto`` covers 2 × 4
     chunks in bf16 and 2 × 2 in fp32 (larger inputs cost less halo per pixel but
-    take more memory); GPUs take whole rectangles in batches.
+    take more memory); on GPUs 4 × 4, whole blocks, in batches.
 
     With ``clip_to_tissue``, cancer calls on bare glass (:func:`slidejob.tissue.glass_mask`
     of the pixels themselves) are set to 0; probabilities are written as the model gave them.
@@ -229,7 +229,7 @@ def infer_blocks(
     stage_s = dict.fromkeys(TASK_STAGES, 0.0)
     t = time.perf_counter()
     model = get_model(spec)
-    forward_chunks = geometry.resolve_forward_chunks(forward_chunks, model.precision)
+    forward_chunks = geometry.resolve_forward_chunks(forward_chunks, model.precision, model.device.type)
     t = _lap(stage_s, "model", t)
     image = ChunkWriter(Path(tiles_path) / chunkstore.LEVEL0)
     shape = (int(image.shape[0]), int(image.shape[1]))

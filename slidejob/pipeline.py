@@ -1026,8 +1026,8 @@ def run_batch(
         None, ``run.block-chunks`` from the config, halved on CPU workers for slides with fewer
         blocks than task threads (:func:`cpu_block_chunks`); a value given here is used as is.
     forward_chunks
-        The most chunks one forward covers: ``N`` (N × N) or ``"RxC"`` (default: ``2x2`` on
-        CPU, ``4x4`` on GPU workers).
+        The most chunks one forward covers: ``N`` (N × N), ``"RxC"`` or ``"auto"`` (the default:
+        :func:`slidejob.geometry.resolve_forward_chunks` on each worker, by its device and precision).
     batch_size
         Same-shaped inputs per forward (default: 1 on CPU, 8 on GPU workers).
     save_probabilities
