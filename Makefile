@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/bench_tile.py
+	$(BIN)/python bench/bench_run.py
 
 clean:
 	rm -rf $(VENV) demo-out bench/out
