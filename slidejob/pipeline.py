@@ -832,6 +832,8 @@ class SlideOutcome:
     out_dir: Path
     seconds: float
     manifest: dict[str, Any] = field(default_factory=dict)
+    #: it failed because the worker processes running its tasks died (:func:`_workers_died`)
+    workers_died: bool = False
 
 
 @dataclass
@@ -936,6 +938,20 @@ class RunParameters:
         import dataclasses
 
         return dataclasses.asdict(self)
+
+
+def _workers_died(exc: BaseException) -> bool:
+    """Whether ``exc`` says the scheduler gave up on a task whose workers kept dying under it (``KilledWorker``).
+
+    It names a task, not the slide at fault: every task running on a worker that dies counts the
+    death, so the tasks of another slide in flight on that worker fail beside those of one whose
+    reading kills its worker (run_batch retries them alone).
+    """
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return False
+    return isinstance(exc, KilledWorker)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -1138,6 +1154,19 @@ def run_batch(
             logger.info("[%d/%d] %s: %s%s (%.1f s)", i, len(slides), outcome.slide_id, outcome.status,
                         f" — {outcome.error}" if outcome.error else "", outcome.seconds)
             outcomes.append(outcome)
+        if pool:
+            pool.shutdown()
+        # A slide whose tasks kept killing their worker (out of memory, a crashing codec) takes down
+        # the tasks of every slide in flight beside it on that worker: those fail with it.  Each is
+        # retried alone, where only its own tasks die with its workers; the one at fault fails again.
+        retry = [i for i, o in enumerate(outcomes) if o.workers_died] if in_flight > 1 else []
+        if retry:
+            logger.warning("%d slide(s) failed as their workers died while other slides were in flight: "
+                           "retrying each alone", len(retry))
+        for i in retry:
+            outcomes[i] = outcome = one(slides[i])
+            logger.info("%s retried alone: %s%s (%.1f s)", outcome.slide_id, outcome.status,
+                        f" — {outcome.error}" if outcome.error else "", outcome.seconds)
     except BaseException:
         # Interrupted (Ctrl-C): slides not started are dropped; those in flight record nothing when
         # their cluster goes away under them (see _run_one), so a rerun redoes them.
@@ -1145,8 +1174,6 @@ def run_batch(
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)
         raise
-    if pool:
-        pool.shutdown()
     if client is not None and not gpu:
         # CPU workers keep their forwards' heap for the next forward (CPU_WORKER_ENVIRON); between
         # batches on a long-lived cluster that is ~0.25-0.33 GB a task thread held for nothing.
@@ -1260,6 +1287,7 @@ def _run_one(
         "versions": _versions(),
         "started": started.isoformat(timespec="seconds"),
     }
+    workers_died = False
     previous = _read_json(slide_dir / MANIFEST_NAME)
     if (
         not force
@@ -1431,10 +1459,17 @@ def _run_one(
             # removed as on any error; a rerun redoes the slide).
             raise
 
+        workers_died = _workers_died(exc)
+        error = (f"{path}: the worker processes running its tasks died, each try (killed for memory, "
+                 "a crash in a reader or codec, or a lost node)" if workers_died else _one_line(exc))
         # Our own errors are about the input and say all there is; anything else gets its traceback.
-        logger.error("%s: failed: %s", path, _one_line(exc), exc_info=not isinstance(exc, SlidejobError))
+        logger.error("%s: failed: %s", path, error,
+                     exc_info=not isinstance(exc, SlidejobError) and not workers_died)
         manifest["status"] = "failed"
-        manifest["error"] = _one_line(exc)
+        manifest["error"] = error
+        if not keep_tiles:
+            # Tiled before it failed: a second copy of the slide's tissue, useless without its mask.
+            shutil.rmtree(slide_dir / TILES_NAME, ignore_errors=True)
     finished = _dt.datetime.now(_dt.timezone.utc)
     seconds = time.perf_counter() - t0
     timings["total"] = seconds
@@ -1454,4 +1489,5 @@ def _run_one(
         # manifest saying "ok" means every other output of the slide is in place.
         summarydb.record_slide(summarydb.db_path_for(out_dir), record, slide_stats.lesions if slide_stats else [])
         _write_json_atomic(slide_dir / MANIFEST_NAME, manifest)
-    return SlideOutcome(str(path), slide_id, manifest["status"], manifest["error"], slide_dir, seconds, manifest)
+    return SlideOutcome(str(path), slide_id, manifest["status"], manifest["error"], slide_dir, seconds, manifest,
+                        workers_died=workers_died)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -550,6 +551,105 @@ def test_worker_killed_mid_run_still_completes(tiny_model: Path, tmp_path: Path)
     outcome = done["r"].outcomes[0]
     assert outcome.status == "ok", outcome.error
     np.testing.assert_array_equal(_mask(outcome), reference)
+
+
+@pytest.mark.slow
+def test_a_slide_whose_workers_die_fails_alone_and_its_neighbour_in_flight_is_redone(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slide that kills its worker (out of memory, a crashing codec) takes down the tasks of the slide in
+    flight beside it on that worker; that one is retried alone and comes out right, the culprit fails."""
+    from distributed import Client, LocalCluster
+
+    from slidejob import pipeline
+
+    good = write_slide(tmp_path / "good.tif", 3072, 3072, tissue_boxes=[(0, 0, 3072, 3072)],
+                       cancer_boxes=[(300, 300, 1500, 2000)], compression="zlib").path
+    poison = write_slide(tmp_path / "poison.tif", 3072, 3072, tissue_boxes=[(0, 0, 3072, 3072)],
+                         compression="zlib").path
+    reference = run_batch([good], tmp_path / "ref", weights=tiny_model).outcomes[0]
+    out = tmp_path / "out"
+    calls: list[tuple[str, float, float]] = []
+    real_run_one = pipeline._run_one
+
+    started: dict[str, int] = {}
+
+    def observed_run_one(path, *args, **kwargs):
+        started[Path(path).stem] = started.get(Path(path).stem, 0) + 1
+        t0 = time.perf_counter()
+        try:
+            return real_run_one(path, *args, **kwargs)
+        finally:
+            calls.append((Path(path).name, t0, time.perf_counter()))
+
+    monkeypatch.setattr(pipeline, "_run_one", observed_run_one)
+
+    def inferring(stem: str) -> str | None:
+        # The attempt (its temporary mask store) that has written some of the slide's 36 mask chunks and
+        # not all: its inference tasks are on the worker.
+        for store in out.glob(f"{stem}-*/.mask.ome.zarr.tmp-*"):
+            if 0 < len(list(store.glob("0/c/*/*"))) < 36:
+                return store.name
+        return None
+
+    stop, kills, killed = threading.Event(), [], set()
+
+    def worker_pids(client) -> set[int]:
+        try:
+            return set(client.run(os.getpid).values())
+        except Exception:  # a worker going away under the call  # noqa: BLE001
+            return set()
+
+    def kill_worker(client) -> bool:
+        pids = worker_pids(client)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        # Until the nanny has its new worker up: one killed while it starts is not started again.
+        deadline = time.monotonic() + 60
+        while pids and time.monotonic() < deadline and not (worker_pids(client) - pids):
+            time.sleep(0.05)
+        return bool(pids)
+
+    def killer(client) -> None:
+        # Kill the worker under every attempt of the poison slide and under the good slide's first: the good
+        # one fails with whichever slide's tasks it shared the worker with, then is retried alone.
+        while not stop.is_set():
+            for stem in ("poison", "good"):
+                attempt = inferring(stem)
+                if (attempt and attempt not in killed and (stem == "poison" or started.get("good") == 1)
+                        and kill_worker(client)):
+                    killed.add(attempt)
+                    kills.append(f"{stem} {attempt}")
+            time.sleep(0.005)
+
+    # A task fails at its first worker's death (the scheduler's default retries it 3 times): one kill an attempt.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        watcher = threading.Thread(target=killer, args=(client,), daemon=True)
+        watcher.start()
+        try:
+            result = run_batch([good, poison], out, weights=tiny_model, slides_in_flight=2)
+        finally:
+            stop.set()
+            watcher.join(timeout=30)
+    assert len(kills) >= 2, kills  # the poison slide's two attempts at least
+    ok, failed = result.outcomes
+    assert ok.status == "ok", ok.error
+    np.testing.assert_array_equal(_mask(ok), _mask(reference))
+    assert ok.manifest["statistics"] == reference.manifest["statistics"]
+    assert failed.status == "failed" and failed.workers_died
+    assert failed.error == (f"{poison}: the worker processes running its tasks died, each try (killed for memory, "
+                            "a crash in a reader or codec, or a lost node)")
+    assert not (failed.out_dir / "tiles.zarr").exists()  # no copy of its tissue left behind
+    # Each ran twice: together (both failed), then one after the other, alone.
+    assert sorted(name for name, _, _ in calls) == ["good.tif", "good.tif", "poison.tif", "poison.tif"]
+    first, retries = calls[:2], sorted(calls[2:], key=lambda c: c[1])
+    assert max(t0 for _, t0, _ in first) < min(t1 for _, _, t1 in first)  # in flight together
+    assert retries[0][2] <= retries[1][1] and min(t0 for _, t0, _ in retries) >= max(t1 for _, _, t1 in first)
+    rows = dict(summarydb.query(summarydb.db_path_for(out), "SELECT slide_id, status FROM slides").rows)
+    assert sorted(rows.values()) == ["failed", "ok"]
 
 
 def test_min_lesion_area_removes_small_lesions_everywhere_and_needs_mpp(tiny_model: Path, tmp_path: Path) -> None:
