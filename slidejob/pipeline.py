@@ -535,11 +535,21 @@ def dask_client(
         client.dashboard_link,
     )
     try:
-        yield client
+        # A worker that dies (killed for memory, a crashing codec) is started again by its nanny.  But the
+        # cluster also closes a dead worker's nanny when, lost-worker-timeout (15 s) after the death, no
+        # worker of that name is registered: should that instant fall in a later restart (a slide whose
+        # tasks kill their worker again and again, each try), the nanny went for good, and with it the
+        # cluster's only worker: the batch then waited for workers all night.  Nannies restart; let them.
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": LOCAL_LOST_WORKER_TIMEOUT}):
+            yield client
     finally:
         client.close()
         cluster.close()
         _restore_environ(saved)
+
+
+#: ``distributed.deploy.lost-worker-timeout`` while the embedded cluster runs (see :func:`dask_client`).
+LOCAL_LOST_WORKER_TIMEOUT = "3650 days"
 
 
 def _restore_environ(saved: dict[str, str]) -> None:

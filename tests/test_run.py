@@ -525,6 +525,39 @@ def test_slides_in_flight_overlap_and_give_what_one_by_one_gives(
 
 
 @pytest.mark.slow
+def test_the_embedded_cluster_keeps_a_worker_that_dies_again_while_it_restarts() -> None:
+    """15 s after a worker dies, distributed closes its nanny if no worker of its name is registered then;
+    a second death whose restart spans that instant left the embedded cluster without workers for good."""
+    from distributed.deploy.spec import SpecCluster
+
+    from slidejob.pipeline import dask_client
+
+    timeout_s = 15.0  # distributed's default distributed.deploy.lost-worker-timeout, which dask_client lifts
+    assert dask.config.get("distributed.deploy.lost-worker-timeout") == "15s"
+    def pids(client) -> set[int]:
+        try:
+            return set(client.run(os.getpid).values())
+        except Exception:  # the worker going away under the call  # noqa: BLE001
+            return set()
+
+    with dask_client(n_workers=1, threads_per_worker=1) as client:
+        assert isinstance(client.cluster, SpecCluster)
+        [first] = pids(client)
+        os.kill(first, signal.SIGKILL)
+        died = time.monotonic()
+        while time.monotonic() < died + 60 and not pids(client) - {first}:
+            time.sleep(0.05)
+        # The second death just before the first one's check: its restart (~0.5 s) spans it.
+        time.sleep(max(0.0, died + timeout_s - 0.25 - time.monotonic()))
+        [second] = pids(client) - {first}
+        os.kill(second, signal.SIGKILL)
+        time.sleep(2.0)
+        client.wait_for_workers(1, timeout=30)
+        assert len(client.cluster.workers) == 1
+        assert client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+
+
+@pytest.mark.slow
 def test_worker_killed_mid_run_still_completes(tiny_model: Path, tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
