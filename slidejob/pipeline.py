@@ -635,6 +635,12 @@ def compute_settled(*tasks: Any, **kwargs: Any) -> tuple[Any, ...]:
 
         with contextlib.suppress(Exception):
             wait(futures, timeout=300)
+        # Let go of them before the error leaves: its traceback keeps this frame, and with it futures the
+        # scheduler would compute again, were the worker holding their results to die later (by then
+        # into stores the caller has removed).
+        with contextlib.suppress(Exception):
+            client.cancel(futures)
+        del futures
         raise
 
 

@@ -524,6 +524,43 @@ def test_slides_in_flight_overlap_and_give_what_one_by_one_gives(
     assert sorted(r[0] for r in rows) == ["failed", "ok", "ok", "ok"]
 
 
+def _mark_and_return(path: str) -> int:
+    with open(path, "a") as f:
+        f.write("x")
+    return 1
+
+
+def _fail_after(seconds: float) -> int:
+    time.sleep(seconds)
+    raise ValueError("a bad tile")
+
+
+@pytest.mark.slow
+def test_a_failed_compute_lets_go_of_its_finished_tasks(tmp_path: Path) -> None:
+    """Its error (and the traceback a caller keeps) must not hold futures that the scheduler would compute
+    again when the worker holding their results dies: they would write into stores removed by then."""
+    from distributed import Client, LocalCluster
+
+    from slidejob.pipeline import compute_settled
+
+    marks = tmp_path / "marks"
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        done = dask.delayed(_mark_and_return, pure=False)(str(marks))
+        failing = dask.delayed(_fail_after, pure=False)(0.5)
+        with pytest.raises(ValueError, match="a bad tile") as raised:
+            compute_settled(done, failing)
+        assert marks.read_text() == "x"
+        [pid] = client.run(os.getpid).values()
+        os.kill(pid, signal.SIGKILL)  # the worker holding the finished task's result
+        client.wait_for_workers(1, timeout=60)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and marks.read_text() == "x":
+            time.sleep(0.1)
+        assert raised.value.__traceback__ is not None  # still held here, as a caller's log or report may
+        assert marks.read_text() == "x"  # not computed again
+
+
 @pytest.mark.slow
 def test_the_embedded_cluster_keeps_a_worker_that_dies_again_while_it_restarts() -> None:
     """15 s after a worker dies, distributed closes its nanny if no worker of its name is registered then;
