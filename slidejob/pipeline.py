@@ -1139,13 +1139,14 @@ def run_batch(
     stopping = threading.Event()
 
     def one(path: Path, after: Future[SlideOutcome] | None = None,
-            identity: tuple[str | None, str] | None = None) -> SlideOutcome:
+            identity: tuple[str | None, str] | None = None, *, alone: bool = False) -> SlideOutcome:
         if after is not None:
             after.exception()  # wait; the earlier copy's outcome is reported on its own
         return _run_one(
             path, out_dir, spec=spec, params=params, model_info=model_info, batch_size=batch,
             blocks_per_task=blocks_per_task, gpu=gpu, keep_tiles=keep_tiles, force=force,
             task_threads=task_threads, stopping=stopping, identity=identity,
+            retried_if_workers_die=in_flight > 1 and not alone,
         )
 
     outcomes = []
@@ -1180,7 +1181,7 @@ def run_batch(
             logger.warning("%d slide(s) failed as their workers died while other slides were in flight: "
                            "retrying each alone", len(retry))
         for i in retry:
-            outcomes[i] = outcome = one(slides[i])
+            outcomes[i] = outcome = one(slides[i], alone=True)
             logger.info("%s retried alone: %s%s (%.1f s)", outcome.slide_id, outcome.status,
                         f" — {outcome.error}" if outcome.error else "", outcome.seconds)
     except BaseException:
@@ -1283,6 +1284,7 @@ def _run_one(
     task_threads: int = 1,
     stopping: threading.Event | None = None,
     identity: tuple[str | None, str] | None = None,
+    retried_if_workers_die: bool = False,
 ) -> SlideOutcome:
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -1478,9 +1480,13 @@ def _run_one(
         workers_died = _workers_died(exc)
         error = (f"{path}: the worker processes running its tasks died, each try (killed for memory, "
                  "a crash in a reader or codec, or a lost node)" if workers_died else _one_line(exc))
-        # Our own errors are about the input and say all there is; anything else gets its traceback.
-        logger.error("%s: failed: %s", path, error,
-                     exc_info=not isinstance(exc, SlidejobError) and not workers_died)
+        if workers_died and retried_if_workers_die:
+            # Perhaps only beside the slide at fault: run_batch tries it again alone.
+            logger.warning("%s: failed: %s; to be retried alone after the slides in flight", path, error)
+        else:
+            # Our own errors are about the input and say all there is; anything else gets its traceback.
+            logger.error("%s: failed: %s", path, error,
+                         exc_info=not isinstance(exc, SlidejobError) and not workers_died)
         manifest["status"] = "failed"
         manifest["error"] = error
         if not keep_tiles:

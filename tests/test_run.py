@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -625,7 +626,7 @@ def test_worker_killed_mid_run_still_completes(tiny_model: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_a_slide_whose_workers_die_fails_alone_and_its_neighbour_in_flight_is_redone(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A slide that kills its worker (out of memory, a crashing codec) takes down the tasks of the slide in
     flight beside it on that worker; that one is retried alone and comes out right, the culprit fails."""
@@ -633,6 +634,7 @@ def test_a_slide_whose_workers_die_fails_alone_and_its_neighbour_in_flight_is_re
 
     from slidejob import pipeline
 
+    caplog.set_level(logging.INFO, logger="slidejob")
     good = write_slide(tmp_path / "good.tif", 3072, 3072, tissue_boxes=[(0, 0, 3072, 3072)],
                        cancer_boxes=[(300, 300, 1500, 2000)], compression="zlib").path
     poison = write_slide(tmp_path / "poison.tif", 3072, 3072, tissue_boxes=[(0, 0, 3072, 3072)],
@@ -720,6 +722,13 @@ def test_a_slide_whose_workers_die_fails_alone_and_its_neighbour_in_flight_is_re
     assert retries[0][2] <= retries[1][1] and min(t0 for _, t0, _ in retries) >= max(t1 for _, _, t1 in first)
     rows = dict(summarydb.query(summarydb.db_path_for(out), "SELECT slide_id, status FROM slides").rows)
     assert sorted(rows.values()) == ["failed", "ok"]
+    # The first failures are warnings (to be retried); only the culprit's failure alone is an error.
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "slidejob.pipeline"]
+    assert ("ERROR", f"{poison}: failed: {failed.error}") in logged
+    assert not [m for level, m in logged if level == "ERROR" and str(good) in m], logged
+    assert (f"{good}: failed: {good}: the worker processes running its tasks died, each try (killed for "
+            "memory, a crash in a reader or codec, or a lost node); to be retried alone after the slides in "
+            "flight") in [m for level, m in logged if level == "WARNING"]
 
 
 def test_min_lesion_area_removes_small_lesions_everywhere_and_needs_mpp(tiny_model: Path, tmp_path: Path) -> None:
