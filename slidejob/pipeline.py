@@ -1460,9 +1460,7 @@ def _run_one(
             for k in ("tissue_area_mm2", "cancer_area_mm2", "cancer_fraction", "lesion_count",
                       "largest_diameter_mm", "size_category")
         }
-        if not keep_tiles:
-            shutil.rmtree(tiles, ignore_errors=True)
-        else:
+        if keep_tiles:
             manifest["outputs"]["tiles"] = TILES_NAME
         manifest["status"] = "ok"
     except Exception as exc:  # one bad slide never stops the batch
@@ -1489,9 +1487,9 @@ def _run_one(
                          exc_info=not isinstance(exc, SlidejobError) and not workers_died)
         manifest["status"] = "failed"
         manifest["error"] = error
-        if not keep_tiles:
-            # Tiled before it failed: a second copy of the slide's tissue, useless without its mask.
-            shutil.rmtree(slide_dir / TILES_NAME, ignore_errors=True)
+    if not keep_tiles:
+        # A second copy of the slide's tissue: done with once the mask is written, and useless without it.
+        shutil.rmtree(slide_dir / TILES_NAME, ignore_errors=True)
     finished = _dt.datetime.now(_dt.timezone.utc)
     seconds = time.perf_counter() - t0
     timings["total"] = seconds
