@@ -525,6 +525,14 @@ def test_slides_in_flight_overlap_and_give_what_one_by_one_gives(
     assert sorted(r[0] for r in rows) == ["failed", "ok", "ok", "ok"]
 
 
+def _worker_pids(client) -> set[int]:
+    """The cluster's worker processes; none while its only worker is going away under the call."""
+    try:
+        return set(client.run(os.getpid).values())
+    except Exception:  # noqa: BLE001
+        return set()
+
+
 def _mark_and_return(path: str) -> int:
     with open(path, "a") as f:
         f.write("x")
@@ -572,22 +580,16 @@ def test_the_embedded_cluster_keeps_a_worker_that_dies_again_while_it_restarts()
 
     timeout_s = 15.0  # distributed's default distributed.deploy.lost-worker-timeout, which dask_client lifts
     assert dask.config.get("distributed.deploy.lost-worker-timeout") == "15s"
-    def pids(client) -> set[int]:
-        try:
-            return set(client.run(os.getpid).values())
-        except Exception:  # the worker going away under the call  # noqa: BLE001
-            return set()
-
     with dask_client(n_workers=1, threads_per_worker=1) as client:
         assert isinstance(client.cluster, SpecCluster)
-        [first] = pids(client)
+        [first] = _worker_pids(client)
         os.kill(first, signal.SIGKILL)
         died = time.monotonic()
-        while time.monotonic() < died + 60 and not pids(client) - {first}:
+        while time.monotonic() < died + 60 and not _worker_pids(client) - {first}:
             time.sleep(0.05)
         # The second death just before the first one's check: its restart (~0.5 s) spans it.
         time.sleep(max(0.0, died + timeout_s - 0.25 - time.monotonic()))
-        [second] = pids(client) - {first}
+        [second] = _worker_pids(client) - {first}
         os.kill(second, signal.SIGKILL)
         time.sleep(2.0)
         client.wait_for_workers(1, timeout=30)
@@ -630,9 +632,8 @@ def test_a_slide_whose_workers_die_fails_alone_and_its_neighbour_in_flight_is_re
 ) -> None:
     """A slide that kills its worker (out of memory, a crashing codec) takes down the tasks of the slide in
     flight beside it on that worker; that one is retried alone and comes out right, the culprit fails."""
-    from distributed import Client, LocalCluster
-
     from slidejob import pipeline
+    from slidejob.pipeline import dask_client
 
     caplog.set_level(logging.INFO, logger="slidejob")
     good = write_slide(tmp_path / "good.tif", 3072, 3072, tissue_boxes=[(0, 0, 3072, 3072)],
@@ -666,20 +667,14 @@ def test_a_slide_whose_workers_die_fails_alone_and_its_neighbour_in_flight_is_re
 
     stop, kills, killed = threading.Event(), [], set()
 
-    def worker_pids(client) -> set[int]:
-        try:
-            return set(client.run(os.getpid).values())
-        except Exception:  # a worker going away under the call  # noqa: BLE001
-            return set()
-
     def kill_worker(client) -> bool:
-        pids = worker_pids(client)
+        pids = _worker_pids(client)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        # Until the nanny has its new worker up: one killed while it starts is not started again.
+        # Until the nanny has its new worker up, so that the next kill lands on a worker running tasks.
         deadline = time.monotonic() + 60
-        while pids and time.monotonic() < deadline and not (worker_pids(client) - pids):
+        while pids and time.monotonic() < deadline and not (_worker_pids(client) - pids):
             time.sleep(0.05)
         return bool(pids)
 
@@ -696,9 +691,9 @@ def test_a_slide_whose_workers_die_fails_alone_and_its_neighbour_in_flight_is_re
             time.sleep(0.005)
 
     # A task fails at its first worker's death (the scheduler's default retries it 3 times): one kill an attempt.
+    # The embedded cluster, as `slidejob run` starts it (it keeps its worker through the deaths).
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
-            LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+            dask_client(n_workers=1, threads_per_worker=2) as client:
         watcher = threading.Thread(target=killer, args=(client,), daemon=True)
         watcher.start()
         try:
